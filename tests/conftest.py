@@ -1,0 +1,73 @@
+"""Session fixtures: tiny models and tokenizers built locally (no downloads), cached per test session."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import build_qwen2, build_qwen2_5_vl, build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session", params=["single", "multi"])
+def think_variant(request):
+    """Both tokenizer variants: `</think>` as one added token, and as several ordinary tokens."""
+    return request.param
+
+
+def _model(tiny_dir, variant):
+    path = tiny_dir / f"qwen2-{variant}"
+    if not (path / "config.json").exists():
+        tok = build_tokenizer(str(tiny_dir / f"tok-{variant}"), think_token=(variant == "single"))
+        build_qwen2(str(path), tok)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def qwen2_single(tiny_dir):
+    return _model(tiny_dir, "single")
+
+
+@pytest.fixture(scope="session")
+def qwen2_multi(tiny_dir):
+    return _model(tiny_dir, "multi")
+
+
+@pytest.fixture(scope="session")
+def qwen2_any(tiny_dir, think_variant):
+    return _model(tiny_dir, think_variant)
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl(tiny_dir):
+    path = tiny_dir / "qwen2_5_vl"
+    if not (path / "config.json").exists():
+        tok = build_tokenizer(str(tiny_dir / "tok-vl"), think_token=False)
+        build_qwen2_5_vl(str(path), tok)
+    return str(path)
+
+
+_engines = {}
+
+
+def vllm_engine(model: str, with_processor: bool = True, **kwargs):
+    """One in-process vLLM-CPU engine per (model, settings), shared across the session's tests."""
+    key = (model, with_processor, tuple(sorted(kwargs.items())))
+    if key not in _engines:
+        from engine import make_llm
+        if with_processor:
+            _engines[key] = make_llm(model, max_model_len=512, in_process=True, **kwargs)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            from vllm import LLM
+            _engines[key] = LLM(model=model, max_model_len=512, dtype="float32", enforce_eager=True, seed=0,
+                                kv_cache_memory_bytes=1 << 30, **kwargs)
+    return _engines[key]
