@@ -131,3 +131,13 @@ def hf_generate(model, tokenizer, image_processor, conversations, *, max_new_tok
         end = next((i for i, t in enumerate(row) if t in stop_ids), None)
         results.append((row, "length") if end is None else (row[:end + 1], "stop"))
     return results
+
+
+def load_hf_model(path: str, dtype=torch.float32, trust_remote_code: bool = False, attn_implementation=None):
+    """A causal LM, or an image-text-to-text model (Qwen2.5-VL) when the config has a vision tower."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)

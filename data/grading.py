@@ -61,7 +61,8 @@ def extract_answer(response: str | None) -> str | None:
     return None
 
 
-def _normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
+    """A canonical string for quick equality checks and vote counting."""
     text = text.strip().strip("$").strip()
     text = text.replace("\\left", "").replace("\\right", "").replace("\\!", "")
     return re.sub(r"\s+", "", text).rstrip(".")
@@ -206,7 +207,7 @@ def grade_many(responses: list[str | None], answers: list[str], options: list[di
             continue
         if opts:
             scores[i] = grade_choice(prediction, answer, opts)
-        elif _normalise(prediction) == _normalise(answer):
+        elif normalise_answer(prediction) == normalise_answer(answer):
             scores[i] = 1.0
         else:
             math_jobs.append((prediction, answer))

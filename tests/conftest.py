@@ -8,6 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engines in the test process: fast start, shared memory
 
 from tiny_models import build_qwen2, build_qwen2_5_vl, build_tokenizer  # noqa: E402
 
@@ -60,7 +61,7 @@ _engines = {}
 
 def vllm_engine(model: str, with_processor: bool = True, **kwargs):
     """One in-process vLLM-CPU engine per (model, settings), shared across the session's tests."""
-    key = (model, with_processor, tuple(sorted(kwargs.items())))
+    key = (model, with_processor, repr(sorted(kwargs.items())))
     if key not in _engines:
         from engine import make_llm
         if with_processor:

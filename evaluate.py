@@ -1,0 +1,322 @@
+"""Evaluate a model on the paper's benchmarks (§4), through vLLM (default) or transformers.
+
+    python evaluate.py --model M --benchmarks gsm8k,mmlu_pro,mmmu=local/mmmu.parquet --output-dir O
+
+Greedy decoding by default (the headline metric); `--temperature 0.3 --samples 5` gives mean
+accuracy, majority-vote accuracy and pass@5 as in the paper's Figs. 3-4. Output is capped at
+--max-tokens (4,096) with forced exit: `</think>` is forced after --max-tokens minus --answer-tokens
+thinking tokens, so every response can still answer.
+
+Outputs in --output-dir: BENCH.jsonl (one line per item: responses, extracted answers, correctness,
+forced exit, tokens, finish reasons), BENCH.summary.json, and with --budgets the accuracy-vs-budget
+table and plot. A rerun with the same --output-dir skips finished items.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import Counter
+
+from data.benchmarks import BENCHMARKS, is_multimodal, load_benchmark
+from data.grading import choice_letter, extract_answer, grade_many, normalise_answer
+from data.records import DataError, write_jsonl_line
+from forced_exit import DEFAULT_EXIT_TEXT, count_forced
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory or hub id")
+    p.add_argument("--benchmarks", required=True,
+                   help=f"comma-separated NAME (from the hub) or NAME=PATH (a local file). Known: {', '.join(BENCHMARKS)}")
+    p.add_argument("--output-dir", default="runs/eval", help="where results go (default: runs/eval)")
+    p.add_argument("--backend", choices=["vllm", "hf"], default="vllm",
+                   help="vllm (default; text and images on GPU, text on CPU) or hf (transformers; images on CPU)")
+    p.add_argument("--limit", type=int, help="evaluate the first N items of each benchmark")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); the paper samples at 0.3")
+    p.add_argument("--samples", type=int, default=1, help="responses per item (paper: 5 at temperature 0.3)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="cap on output tokens per response (default 4096)")
+    p.add_argument("--answer-tokens", type=int, default=256,
+                   help="tokens left for the answer after a forced exit (default 256)")
+    p.add_argument("--think-budget", type=int,
+                   help="output tokens before </think> is forced (default: --max-tokens minus --answer-tokens)")
+    p.add_argument("--no-forced-exit", action="store_true", help="never force the exit (the paper always does)")
+    p.add_argument("--exit-text", default=DEFAULT_EXIT_TEXT, help="text forced at the budget (default </think>)")
+    p.add_argument("--budgets", help="comma-separated thinking budgets: accuracy against budget (table and PNG)")
+    p.add_argument("--text-only-probe", type=int, default=0, metavar="K",
+                   help="answer each multimodal item K times without its images; items solved every time are "
+                        "text-solvable and accuracy is also reported without them (paper: K=3)")
+    p.add_argument("--probe-temperature", type=float, default=1.0, help="sampling temperature of the probe (1.0)")
+    p.add_argument("--max-pixels", type=int, default=512 * 512, help="image size cap in pixels (model card: 512x512)")
+    p.add_argument("--min-pixels", type=int, default=512 * 512, help="image size floor in pixels (model card: 512x512)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism")
+    p.add_argument("--max-model-len", type=int, default=8192, help="vLLM context length (prompt + output)")
+    p.add_argument("--chunk-size", type=int, default=256, help="items generated (and saved) per chunk")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
+    args = p.parse_args(argv)
+    if args.budgets and args.think_budget is not None:
+        p.error("--budgets and --think-budget are exclusive")
+    return args
+
+
+# --- metrics (pure) --------------------------------------------------------------------------------
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_vote(extracted: list[str | None], correct: list[float], options: dict | None = None) -> float:
+    """Correctness of the most frequent answer (ties: the one seen first); 0 when nothing was extracted."""
+    keys = [None if a is None else (choice_letter(a, options) if options else None) or normalise_answer(a)
+            for a in extracted]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return 0.0
+    top = max(counts.values())
+    winner = next(k for k in keys if k is not None and counts[k] == top)
+    return correct[keys.index(winner)]
+
+
+def summarize(name: str, items: list[dict], samples: int) -> dict:
+    responses = [c for item in items for c in item["correct"]]
+    summary = {"benchmark": name, "n": len(items)}
+    if samples == 1:
+        summary["accuracy"] = _mean([item["correct"][0] for item in items])
+    else:
+        summary["mean_acc"] = _mean(responses)
+        summary["majority_acc"] = _mean([majority_vote(i["extracted"], i["correct"], i.get("options")) for i in items])
+        summary[f"pass_at_{samples}"] = summary["pass_at_k"] = _mean(
+            [pass_at_k(len(i["correct"]), int(sum(i["correct"])), samples) for i in items])
+    summary["forced_exit_rate"] = _mean([f for item in items for f in item["forced_exit"]])
+    summary["mean_output_tokens"] = _mean([t for item in items for t in item["output_tokens"]])
+    probed = [item for item in items if "text_solvable" in item]
+    if probed:
+        rest = [item for item in items if not item.get("text_solvable")]
+        summary["n_text_solvable"] = len(items) - len(rest)
+        summary["accuracy_without_text_solvable"] = _mean([_mean(i["correct"]) for i in rest])
+    return summary
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+# --- generation backends ----------------------------------------------------------------------------
+
+class VLLMBackend:
+    def __init__(self, args, exit_ids):
+        from engine import make_llm
+        images = {"limit_mm_per_prompt": {"image": 8}} if args.multimodal else {}
+        self.llm = make_llm(args.model, max_model_len=args.max_model_len, seed=args.seed,
+                            tensor_parallel_size=args.tensor_parallel_size, exit_ids=exit_ids,
+                            trust_remote_code=args.trust_remote_code, **images)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.args = args
+
+    def generate(self, conversations, n, temperature, max_tokens, extra_args):
+        from engine import _images_of
+        from vllm import SamplingParams
+        params = SamplingParams(n=n, temperature=temperature, top_p=self.args.top_p if temperature > 0 else 1.0,
+                                max_tokens=max_tokens, seed=self.args.seed, extra_args=extra_args)
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            images = _images_of(conversation)
+            if images:
+                prompts.append({"prompt": text, "multi_modal_data": {"image": images},
+                                "mm_processor_kwargs": {"max_pixels": self.args.max_pixels,
+                                                        "min_pixels": self.args.min_pixels}})
+            else:
+                prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        outputs = self.llm.generate(prompts, params, use_tqdm=True)
+        return [[(list(o.token_ids), o.finish_reason) for o in out.outputs] for out in outputs]
+
+
+class HFBackend:
+    def __init__(self, args, exit_ids):
+        import torch
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        from engine import load_hf_model
+        self.model = load_hf_model(args.model, trust_remote_code=args.trust_remote_code,
+                                   dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        has_processor = os.path.exists(os.path.join(args.model, "preprocessor_config.json"))
+        self.image_processor = AutoImageProcessor.from_pretrained(args.model) if has_processor else None
+        self.args = args
+
+    def generate(self, conversations, n, temperature, max_tokens, extra_args):
+        from engine import hf_generate
+        results = [[] for _ in conversations]
+        for sample in range(n):
+            outs = hf_generate(self.model, self.tokenizer, self.image_processor, conversations,
+                               max_new_tokens=max_tokens, temperature=temperature, budget=extra_args.get("think_budget"),
+                               exit_ids=extra_args.get("think_exit_ids"), max_pixels=self.args.max_pixels,
+                               min_pixels=self.args.min_pixels, seed=self.args.seed + sample)
+            for i, out in enumerate(outs):
+                results[i].append(out)
+        return results
+
+
+# --- the protocol ------------------------------------------------------------------------------------
+
+def without_images(messages):
+    return [{**m, "content": m["content"] if isinstance(m["content"], str) else
+             "".join(part["text"] for part in m["content"] if part.get("type") == "text")} for m in messages]
+
+
+def prompt_for_log(messages) -> str:
+    return "\n".join(m["content"] if isinstance(m["content"], str) else
+                     "".join(p["text"] if p.get("type") == "text" else "<image>" for p in m["content"])
+                     for m in messages)
+
+
+def run_items(backend, records, n, temperature, budget, max_tokens, exit_ids):
+    """Generate and grade; one result dict per record."""
+    extra = {} if budget is None else {"think_budget": budget, "think_exit_ids": exit_ids}
+    generations = backend.generate([r.messages for r in records], n, temperature, max_tokens, extra)
+    tokenizer = backend.tokenizer
+    flat = [(r, ids, reason) for r, outs in zip(records, generations) for ids, reason in outs]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for _, ids, _ in flat]
+    scores = grade_many(texts, [r.answer for r, _, _ in flat], [r.options for r, _, _ in flat])
+    items, position = [], 0
+    for record, outs in zip(records, generations):
+        span = range(position, position + len(outs))
+        position += len(outs)
+        items.append({
+            "id": record.id, "prompt": prompt_for_log(record.messages), "answer": record.answer,
+            "options": record.options, "responses": [texts[j] for j in span],
+            "extracted": [extract_answer(texts[j]) for j in span], "correct": [scores[j] for j in span],
+            "forced_exit": [budget is not None and bool(count_forced(flat[j][1], budget, exit_ids)) for j in span],
+            "output_tokens": [len(flat[j][1]) for j in span], "finish_reason": [flat[j][2] for j in span]})
+    return items
+
+
+def evaluate_benchmark(backend, args, name, path, out_dir, budget, max_tokens, exit_ids) -> dict:
+    records = load_benchmark(name, path, args.limit)
+    for record in records:
+        if record.answer is None:
+            raise DataError(f"{name}: item {record.id}: no gold answer")
+    results_path = os.path.join(out_dir, f"{name}.jsonl")
+    done = {}
+    if os.path.exists(results_path):
+        with open(results_path) as fh:
+            for line in fh:
+                if line.strip():
+                    try:
+                        item = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by an interrupted run: that item runs again
+                    done[item["id"]] = item
+    todo = [r for r in records if r.id not in done]
+    print(f"{name}: {len(records)} items, {len(done)} already done")
+    with open(results_path, "a", encoding="utf-8") as fh:
+        for start in range(0, len(todo), args.chunk_size):
+            chunk = todo[start:start + args.chunk_size]
+            items = run_items(backend, chunk, args.samples, args.temperature, budget, max_tokens, exit_ids)
+            if args.text_only_probe and is_multimodal(name):
+                probe_records = [r.__class__(**{**r.__dict__, "messages": without_images(r.messages)}) for r in chunk]
+                probes = run_items(backend, probe_records, args.text_only_probe, args.probe_temperature, budget,
+                                   max_tokens, exit_ids)
+                for item, probe in zip(items, probes):
+                    item["text_only_correct"] = probe["correct"]
+                    item["text_solvable"] = all(c == 1.0 for c in probe["correct"])
+            for item in items:
+                write_jsonl_line(fh, item)
+                done[item["id"]] = item
+    summary = summarize(name, [done[r.id] for r in records], args.samples)
+    with open(os.path.join(out_dir, f"{name}.summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    return summary
+
+
+def format_table(summaries: list[dict]) -> str:
+    columns = ["benchmark", "n", "accuracy", "mean_acc", "majority_acc", "pass_at_k", "forced_exit_rate",
+               "mean_output_tokens", "accuracy_without_text_solvable"]
+    columns = [c for c in columns if any(c in s for s in summaries)]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = [columns] + [[fmt(s.get(c, "")) for c in columns] for s in summaries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def plot_budgets(curve: dict[str, list[tuple[int, float]]], path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (the table is written)")
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curve.items():
+        ax.plot([b for b, _ in points], [a for _, a in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("thinking budget (tokens)")
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    specs = []
+    for spec in args.benchmarks.split(","):
+        name, _, path = spec.strip().partition("=")
+        if name not in BENCHMARKS:
+            raise SystemExit(f"error: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        specs.append((name, path or None))
+    args.multimodal = any(is_multimodal(name) for name, _ in specs)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
+    backend = (VLLMBackend if args.backend == "vllm" else HFBackend)(args, exit_ids)
+
+    if args.no_forced_exit:
+        runs = [(None, args.max_tokens, args.output_dir)]
+    elif args.budgets:
+        runs = [(b, b + args.answer_tokens, os.path.join(args.output_dir, f"budget_{b}"))
+                for b in sorted(int(x) for x in args.budgets.split(","))]
+    else:
+        budget = args.think_budget if args.think_budget is not None else args.max_tokens - args.answer_tokens
+        runs = [(budget, args.max_tokens, args.output_dir)]
+
+    all_summaries = []
+    for budget, max_tokens, out_dir in runs:
+        os.makedirs(out_dir, exist_ok=True)
+        for name, path in specs:
+            summary = evaluate_benchmark(backend, args, name, path, out_dir, budget, max_tokens, exit_ids)
+            all_summaries.append({**summary, "think_budget": budget})
+    print(format_table(all_summaries))
+    if args.budgets:
+        metric = "accuracy" if args.samples == 1 else "mean_acc"
+        curve = {}
+        for s in all_summaries:
+            curve.setdefault(s["benchmark"], []).append((s["think_budget"], s[metric]))
+        with open(os.path.join(args.output_dir, "budget_scaling.json"), "w") as fh:
+            json.dump(curve, fh, indent=2)
+        table = ["| benchmark | " + " | ".join(str(b) for b, _, _ in runs) + " |",
+                 "|---|" + "---|" * len(runs)]
+        table += [f"| {name} | " + " | ".join(f"{a:.4f}" for _, a in points) + " |" for name, points in curve.items()]
+        with open(os.path.join(args.output_dir, "budget_scaling.md"), "w") as fh:
+            fh.write("\n".join(table) + "\n")
+        print("\n".join(table))
+        plot_budgets(curve, os.path.join(args.output_dir, "budget_scaling.png"))
+    return all_summaries
+
+
+if __name__ == "__main__":
+    main()
