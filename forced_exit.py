@@ -26,8 +26,15 @@ def _exit_prefix_len(output_ids, exit_ids) -> int:
 
 
 def _contains(seq, sub) -> bool:
-    k = len(sub)
-    return any(list(seq[i:i + k]) == list(sub) for i in range(len(seq) - k + 1))
+    seq, sub = list(seq), list(sub)
+    i = -1
+    while True:
+        try:
+            i = seq.index(sub[0], i + 1)
+        except ValueError:
+            return False
+        if seq[i:i + len(sub)] == sub:
+            return True
 
 
 def forced_token(output_ids, budget: int, exit_ids, close_ids=None) -> int | None:
@@ -49,7 +56,11 @@ def forced_token(output_ids, budget: int, exit_ids, close_ids=None) -> int | Non
 
 
 class ExitTracker:
-    """`forced_token` for one request, fed incrementally from a live output list."""
+    """`forced_token` for one request, fed from a live output list.
+
+    Before the budget it costs one length check per step; at the budget the output is searched once
+    for the close ids; after that each step indexes the exit text.
+    """
 
     def __init__(self, budget: int, exit_ids, close_ids=None, output_ids: list | None = None):
         if budget < 0 or not exit_ids:
@@ -58,31 +69,25 @@ class ExitTracker:
         self.exit_ids = list(exit_ids)
         self.close_ids = list(close_ids or exit_ids)
         self.output_ids = output_ids if output_ids is not None else []
-        self.scanned = 0  # output tokens already checked for the close ids
         self.done = False  # closed by the model, or the exit text is complete
         self.start = None  # exit tokens already in place at the budget
-        self.forced = 0  # tokens this tracker has forced
 
     def next_forced(self) -> int | None:
         if self.done:
             return None
         n = len(self.output_ids)
-        width = len(self.close_ids)
-        while self.scanned < min(n, self.budget):
-            self.scanned += 1
-            if self.scanned >= width and self.output_ids[self.scanned - width:self.scanned] == self.close_ids:
-                self.done = True
-                return None
         if n < self.budget:
             return None
         if self.start is None:
-            self.start = _exit_prefix_len(self.output_ids[max(0, self.budget - len(self.exit_ids)):self.budget],
-                                          self.exit_ids)
+            before = self.output_ids[:self.budget]
+            if _contains(before, self.close_ids):
+                self.done = True
+                return None
+            self.start = _exit_prefix_len(before[-len(self.exit_ids):], self.exit_ids)
         k = self.start + n - self.budget
         if k >= len(self.exit_ids):
             self.done = True
             return None
-        self.forced += 1
         return self.exit_ids[k]
 
 
@@ -147,12 +152,16 @@ class ForcedExitLogitsProcessor(_vllm_processor_base()):
                 self.trackers[source] = displaced
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        rows, tokens = [], []
+        rows, tokens, finished = [], [], []
         for index, tracker in self.trackers.items():
             token = tracker.next_forced()
             if token is not None:
                 rows.append(index)
                 tokens.append(token)
+            elif tracker.done:
+                finished.append(index)
+        for index in finished:  # nothing more to force for these requests
+            del self.trackers[index]
         return _force(logits, rows, tokens)
 
 
