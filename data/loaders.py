@@ -220,25 +220,32 @@ def _hub_rows(hub_id: str, config: str | None, split: str):
     return datasets.load_dataset(hub_id, config, split=split)
 
 
-def convert_rows(rows, fmt: str, origin: str, style: str = "train") -> list[Record]:
-    """Convert rows of one format; a bad row raises DataError naming `origin` and its index."""
+def convert_rows(rows, fmt: str, origin: str, style: str = "train", bad_rows: list | None = None) -> list[Record]:
+    """Convert rows of one format. A bad row raises DataError naming `origin` and its index, or, when
+    a `bad_rows` list is given, is skipped and its message appended there."""
     converter = CONVERTERS[fmt]
     records = []
     for index, row in enumerate(rows):
         try:
-            records.append(converter(row, index, style))
-        except KeyError as exc:
-            raise DataError(f"{origin}: row {index}: missing field {exc.args[0]!r} (format {fmt})") from None
-        except (TypeError, ValueError, SyntaxError, AttributeError) as exc:
-            raise DataError(f"{origin}: row {index}: {exc} (format {fmt})") from None
+            try:
+                records.append(converter(row, index, style))
+            except KeyError as exc:
+                raise DataError(f"{origin}: row {index}: missing field {exc.args[0]!r} (format {fmt})") from None
+            except (TypeError, ValueError, SyntaxError, AttributeError) as exc:
+                raise DataError(f"{origin}: row {index}: {exc} (format {fmt})") from None
+        except DataError as exc:
+            if bad_rows is None:
+                raise
+            bad_rows.append(str(exc))
     return records
 
 
 def load_records(data: str, data_format: str | None = None, split: str | None = None,
-                 style: str = "train", limit: int | None = None) -> list[Record]:
+                 style: str = "train", limit: int | None = None, bad_rows: list | None = None) -> list[Record]:
     """Records from a file/URL, a source name in SOURCES, or a hub id.
 
     style: "train" (the paper's training prompt) or "eval" (its multiple-choice / math prompts).
+    bad_rows: collect bad rows' messages here and skip them, instead of raising on the first.
     """
     if data_format is not None and data_format not in CONVERTERS:
         raise DataError(f"unknown data format {data_format!r}; known: {', '.join(DATA_FORMATS)}")
@@ -271,7 +278,7 @@ def load_records(data: str, data_format: str | None = None, split: str | None = 
         rows = [row for row in rows if isinstance(row, dict) and row.get("category") == "health"]
     if limit is not None:
         rows = rows[:limit] if isinstance(rows, list) else rows.select(range(min(limit, len(rows))))
-    return convert_rows(rows, fmt, data, style)
+    return convert_rows(rows, fmt, data, style, bad_rows)
 
 
 def write_records(path: str, records: list[Record]) -> None:

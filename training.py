@@ -1,0 +1,281 @@
+"""Mechanics shared by sft.py and grpo.py: process group, model loading and FSDP2 sharding,
+checkpoints (save / resume / export), metrics. Each function does one thing; the stages read top
+to bottom and call these where the recipe needs them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+# --- processes ---------------------------------------------------------------------------------------
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Works under torchrun and as a plain single process (world 1)."""
+    if "RANK" not in os.environ:  # a plain `python sft.py`: a one-process group, so one code path serves all
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(value: float | torch.Tensor, device) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=torch.float64, device=device).clone()
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+def is_vision_param(name: str) -> bool:
+    return ".visual." in f".{name}" or name.startswith("visual.")
+
+
+def default_attn_implementation() -> str:
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_model(path: str, *, train_vision: bool = False, activation_checkpointing: bool = False,
+               attn_implementation: str | None = None, trust_remote_code: bool = False):
+    """The policy in fp32 master weights (FSDP casts to bf16 for compute on GPU); a VLM's vision tower
+    (and merger) frozen unless train_vision."""
+    from engine import load_hf_model
+
+    model = load_hf_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                          attn_implementation=attn_implementation or default_attn_implementation())
+    for name, param in model.named_parameters():
+        if is_vision_param(name) and not train_vision:
+            param.requires_grad_(False)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    for path in ("model.language_model.layers", "model.layers", "language_model.model.layers"):
+        module = model
+        try:
+            for attr in path.split("."):
+                module = getattr(module, attr)
+            return list(module)
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def shard_model(model, device, train_vision: bool = False):
+    """FSDP2: one unit per decoder layer and the root; bf16 compute with fp32 gradient reduction on
+    GPU, fp32 on CPU. A frozen vision tower stays out of every unit (ignored, replicated): text-only
+    batches never call it, so no rank waits on a collective that another rank skips."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(device)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    vision = {p for n, p in model.named_parameters() if is_vision_param(n)}
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    if vision and train_vision:
+        visual = model.model.visual if hasattr(model.model, "visual") else model.visual
+        fully_shard(visual, mp_policy=mp)
+        vision = set()
+    fully_shard(model, mp_policy=mp, ignored_params=vision or None)
+    return model
+
+
+def position_ids_for(model, positions: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL takes [4, B, T] (text positions, then the three mrope axes) for packed text."""
+    if hasattr(model.config, "vision_config"):
+        return positions.unsqueeze(0).expand(4, *positions.shape)
+    return positions
+
+
+def count_params(model, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state: dict, keep: int = 2) -> str:
+    """A sharded DCP checkpoint of model and optimizer, with trainer_state (scheduler, data position,
+    ...) and every rank's RNG state. Written to a temporary folder and renamed when complete, so a
+    crash mid-save leaves the previous checkpoint as the latest."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = os.path.join(output_dir, CHECKPOINT_DIR)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        torch.save({**trainer_state, "step": step, "world_size": dist.get_world_size()},
+                   os.path.join(tmp, "trainer_state.pt"))
+    dist.barrier()
+    if rank == 0:
+        os.replace(tmp, final)
+        for old in sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    root = os.path.join(output_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def load_checkpoint(path: str, model, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG; return the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    if trainer_state["world_size"] != dist.get_world_size():
+        raise SystemExit(f"error: {path} was written by {trainer_state['world_size']} processes; resume with the "
+                         f"same number (got {dist.get_world_size()})")
+    _set_rng_state(torch.load(os.path.join(path, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
+    return trainer_state
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's state dict gathered to CPU on rank 0 (empty on the others)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_model(model, source: str, out_dir: str, trust_remote_code: bool = False) -> None:
+    """save_pretrained (safetensors) with tokenizer and image-processor files, so transformers and
+    vLLM load it as is. bf16 on GPU (the base model's dtype), fp32 on CPU. Collective: call on all ranks."""
+    state = full_state_dict(model)
+    if dist.get_rank() == 0:
+        from transformers import AutoTokenizer
+
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        state = {k: v.to(dtype) for k, v in state.items()}
+        tmp = out_dir.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.config.use_cache = True
+        model.save_pretrained(tmp, state_dict=state)
+        AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        if os.path.exists(os.path.join(source, "preprocessor_config.json")) or hasattr(model.config, "vision_config"):
+            from transformers import AutoImageProcessor
+            AutoImageProcessor.from_pretrained(source).save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    dist.barrier()
+
+
+# --- logging --------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl in the output directory (rank 0), optionally mirrored to wandb."""
+
+    def __init__(self, output_dir: str, rank: int, wandb_project: str | None = None, config: dict | None = None,
+                 resume_step: int = 0):
+        self.rank = rank
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.wandb = None
+        if rank != 0:
+            return
+        if os.path.exists(self.path):  # drop lines past the checkpoint being resumed from
+            with open(self.path) as fh:
+                kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path, "w") as fh:
+                fh.writelines(kept)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("error: --wandb-project given but wandb is not installed") from None
+            self.wandb = wandb.init(project=wandb_project, config=config, resume="allow")
+
+    def log(self, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=metrics["step"])
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0}
+
+
+def peak_flops() -> float | None:
+    """Dense bf16 peak of this GPU (datasheet), or None off GPU / for an unknown device."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return tflops * 1e12 if tflops else None
+
+
+def train_flops(n_params: int, n_layers: int, hidden: int, tokens: float, sum_squared_lengths: float) -> float:
+    """Forward + backward FLOPs: 6 per parameter per token, plus causal attention (6 * L * H * s^2 per sequence)."""
+    return 6.0 * n_params * tokens + 6.0 * n_layers * hidden * sum_squared_lengths
