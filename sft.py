@@ -51,8 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--long-examples", choices=["truncate", "drop"], default="truncate",
                    help="over-length examples: cut at --max-length (default, as the paper) or drop them")
     p.add_argument("--batching", choices=["packed", "padded"], default="packed",
-                   help="packed (default): a micro-batch's sequences in one row, attention kept inside each "
-                        "sequence (restarting position ids); padded: one row per sequence")
+                   help="packed (default): a micro-batch's sequences binned into rows of up to --max-length "
+                        "tokens, attention kept inside each sequence (restarting position ids: flash-attention "
+                        "varlen on GPU, a block-diagonal mask with SDPA); padded: one padded row per sequence")
     p.add_argument("--no-cot", action="store_true",
                    help="train on the answer alone, <answer>...</answer> (the non-CoT ablation of Table 1)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip rows that fail to load (default: stop)")
@@ -95,22 +96,33 @@ def tokenize(records, tokenizer, args):
     return examples, skipped
 
 
-def collate(examples, batching: str, pad_id: int):
-    """A micro-batch as model inputs: one packed row, or one right-padded row per example."""
+def collate(examples, batching: str, pad_id: int, row_length: int):
+    """A micro-batch as model inputs, and its number of padding tokens.
+
+    packed: examples binned first-fit (longest first) into rows of at most row_length tokens, with
+    position ids restarting at each example so attention stays inside it; rows padded to the longest.
+    padded: one right-padded row per example.
+    """
     if batching == "packed":
-        ids = [t for e, _ in examples for t in e]
-        labels = [t for _, lab in examples for t in lab]
-        positions = [p for e, _ in examples for p in range(len(e))]
-        batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                 "positions": torch.tensor([positions]), "attention_mask": None}
-        return batch, 0
-    width = max(len(e) for e, _ in examples)
-    pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
-    batch = {"input_ids": torch.tensor([pad(e, pad_id) for e, _ in examples]),
-             "labels": torch.tensor([pad(lab, IGNORE) for _, lab in examples]),
-             "positions": torch.arange(width).repeat(len(examples), 1),
-             "attention_mask": torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e, _ in examples])}
-    return batch, width * len(examples) - sum(len(e) for e, _ in examples)
+        rows: list[list] = []
+        for example in sorted(examples, key=lambda e: len(e[0]), reverse=True):
+            row = next((r for r in rows if sum(len(e) for e, _ in r) + len(example[0]) <= row_length), None)
+            rows.append([example]) if row is None else row.append(example)
+    else:
+        rows = [[example] for example in examples]
+    width = max(sum(len(e) for e, _ in row) for row in rows)
+    ids, labels, positions, mask = [], [], [], []
+    for row in rows:
+        used = sum(len(e) for e, _ in row)
+        ids.append([t for e, _ in row for t in e] + [pad_id] * (width - used))
+        labels.append([t for _, lab in row for t in lab] + [IGNORE] * (width - used))
+        # padding gets its own restarting positions: a separate "sequence" that no real token attends to
+        positions.append([p for e, _ in row for p in range(len(e))] + list(range(width - used)))
+        mask.append([1] * used + [0] * (width - used))
+    batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "positions": torch.tensor(positions),
+             # packed rows carry no attention mask: the model derives the per-example mask from position ids
+             "attention_mask": None if batching == "packed" else torch.tensor(mask)}
+    return batch, sum(m.count(0) for m in mask)
 
 
 def summed_token_loss(model, batch: dict, device) -> torch.Tensor:
@@ -199,7 +211,8 @@ def main(argv=None):
         global_targets = all_reduce_sum(local_targets, device).item()
         loss_sum, padding, computed = 0.0, 0, 0
         for start in range(0, len(mine), args.micro_batch_size):
-            batch, pads = collate(mine[start:start + args.micro_batch_size], args.batching, tokenizer.pad_token_id)
+            batch, pads = collate(mine[start:start + args.micro_batch_size], args.batching, tokenizer.pad_token_id,
+                                  args.max_length)
             padding, computed = padding + pads, computed + batch["input_ids"].numel()
             token_loss = summed_token_loss(model, batch, device)
             # FSDP averages gradients over ranks: scale by world / global count to get the global token mean.

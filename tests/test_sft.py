@@ -108,7 +108,7 @@ def test_loss_depends_on_assistant_targets_only(qwen2_single):
     ids, labels = example
     first_target = next(t for t, lab in enumerate(labels) if lab != sft.IGNORE)
     assert all(lab == sft.IGNORE for lab in labels[:first_target])
-    batch, _ = sft.collate([example], "packed", tok.pad_token_id)
+    batch, _ = sft.collate([example], "packed", tok.pad_token_id, 4096)
     base = sft.summed_token_loss(model, batch, "cpu").item()
 
     def loss_with_logit_change_at(position):
@@ -136,11 +136,16 @@ def test_packed_and_unpacked_micro_batches_give_the_same_loss(qwen2_single, tmp_
     args = sft.parse_args(["--model", "m", "--data", "d", "--output-dir", "o"])
     examples, _ = sft.tokenize(records, tok, args)
     assert len({len(e) for e, _ in examples}) > 1
-    packed = sft.summed_token_loss(model, sft.collate(examples, "packed", tok.pad_token_id)[0], "cpu").item()
-    padded = sft.summed_token_loss(model, sft.collate(examples, "padded", tok.pad_token_id)[0], "cpu").item()
-    single = sum(sft.summed_token_loss(model, sft.collate([e], "padded", tok.pad_token_id)[0], "cpu").item()
+    one_row = sft.collate(examples, "packed", tok.pad_token_id, 4096)[0]
+    several_rows, pads = sft.collate(examples, "packed", tok.pad_token_id, max(len(e) for e, _ in examples))
+    assert one_row["input_ids"].shape[0] == 1 and several_rows["input_ids"].shape[0] > 1 and pads > 0
+    packed = sft.summed_token_loss(model, one_row, "cpu").item()
+    binned = sft.summed_token_loss(model, several_rows, "cpu").item()
+    padded = sft.summed_token_loss(model, sft.collate(examples, "padded", tok.pad_token_id, 4096)[0], "cpu").item()
+    single = sum(sft.summed_token_loss(model, sft.collate([e], "padded", tok.pad_token_id, 4096)[0], "cpu").item()
                  for e in examples)
     assert packed == pytest.approx(single, abs=1e-5 * abs(single))
+    assert binned == pytest.approx(single, abs=1e-5 * abs(single))
     assert padded == pytest.approx(single, abs=1e-5 * abs(single))
 
 
