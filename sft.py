@@ -24,7 +24,7 @@ from tqdm import tqdm
 from data import DATA_FORMATS, assistant_target, load_records
 from training import (MetricsLog, Timer, all_reduce_sum, count_params, export_model, init_distributed,
                       latest_checkpoint, load_checkpoint, load_model, peak_flops, position_ids_for,
-                      save_checkpoint, seed_everything, shard_model, train_flops)
+                      save_checkpoint, seed_everything, shard_model, step_indices, train_flops)
 
 IGNORE = -100
 
@@ -132,13 +132,6 @@ def summed_token_loss(model, batch: dict, device) -> torch.Tensor:
                    position_ids=position_ids_for(model, batch["positions"].to(device))).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].to(device).flatten(),
                            ignore_index=IGNORE, reduction="sum")
-
-
-def step_indices(num_examples: int, global_batch: int, step: int, steps_per_epoch: int, seed: int) -> list[int]:
-    """The examples of one optimizer step: a fresh permutation per epoch, a contiguous slice per step."""
-    epoch, position = divmod(step, steps_per_epoch)
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
-    return order[position * global_batch:(position + 1) * global_batch].tolist()
 
 
 def lr_multiplier(step: int, steps_per_epoch: int, warmup_steps: int, decay: float) -> float:

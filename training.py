@@ -40,10 +40,23 @@ def all_reduce_sum(value: float | torch.Tensor, device) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(value: float, device) -> float:
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def step_indices(num_examples: int, global_batch: int, step: int, steps_per_epoch: int, seed: int) -> list[int]:
+    """The examples of one optimizer step: a fresh permutation per epoch, a contiguous slice per step."""
+    epoch, position = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[position * global_batch:(position + 1) * global_batch].tolist()
 
 
 # --- the model ---------------------------------------------------------------------------------------

@@ -1,0 +1,433 @@
+"""Stage 2 of X-Reasoner: GRPO on verifiable text-only math (paper §2.2, App. A, B.2).
+
+    torchrun --nproc_per_node 8 grpo.py --model runs/sft/model --data orz_math_57k_collected.json \\
+        --output-dir runs/grpo
+
+Each rank owns a colocated vLLM engine and samples --group-size responses for its share of the
+prompts; rewards come from the shared grader (1 if the answer is equivalent to the gold, else 0; no
+format reward). The objective is GRPO with group-normalised advantages, DAPO's clip-higher, the
+token-sum loss divided by the number of response tokens in the whole global batch, and a k3 KL
+penalty against the starting model. Each rollout batch is split into --mini-batches optimizer steps,
+so that the ratio moves away from 1 and the clip acts (with one step per batch it never would).
+After each rollout batch's last optimizer step the new weights are loaded into the engines.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data import DATA_FORMATS, load_records
+from forced_exit import DEFAULT_EXIT_TEXT, count_forced
+
+
+# --- the objective (pure functions) -------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Per-response advantages from rewards laid out group by group: (r - mean_g) / (std_g + eps), with
+    the unbiased std, or r - mean_g (Dr. GRPO). A group of one has mean 0 and std 1 (as verl)."""
+    groups = rewards.float().view(-1, group_size)
+    if group_size == 1:
+        return groups.flatten()
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.flatten()
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.28,
+                num_tokens: float | None = None):
+    """Clipped surrogate -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A), summed over the
+    tokens where mask is 1 and divided by num_tokens (the response tokens of the whole global batch;
+    the local mask sum when not given). Shapes: [B, T] for logprobs and mask, [B] for advantages.
+
+    Returns (loss, stats) with the fractions of tokens clipped below (ratio < 1 - clip_low, A < 0) and
+    above (ratio > 1 + clip_high, A > 0), where the clipped term is chosen and the gradient is zero."""
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.to(logprobs.dtype).unsqueeze(-1)
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
+    denominator = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logprobs.dtype)
+    loss = -(surrogate * mask).sum() / denominator.clamp(min=1)
+    with torch.no_grad():
+        local = mask.sum().clamp(min=1)
+        stats = {"clip_low": (((ratio < 1 - clip_low) & (adv < 0)) * mask).sum() / local,
+                 "clip_high": (((ratio > 1 + clip_high) & (adv > 0)) * mask).sum() / local}
+    return loss, stats
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3"):
+    """Per-token estimate of KL(policy || reference) from sampled tokens. k3 (default, non-negative):
+    e^d - d - 1 with d = ref - logp; k1: logp - ref; k2: (logp - ref)^2 / 2."""
+    delta = ref_logprobs - logprobs
+    if estimator == "k3":
+        return torch.exp(delta) - delta - 1
+    if estimator == "k1":
+        return -delta
+    if estimator == "k2":
+        return 0.5 * delta ** 2
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+# --- config ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="starting policy, usually sft.py's OUT/model")
+    p.add_argument("--data", required=True, help="prompts with gold answers: a file, a source name or a hub id")
+    p.add_argument("--data-format", choices=DATA_FORMATS, help="override the format recognised from the fields")
+    p.add_argument("--data-split", help="hub split (default: the source's training split)")
+    p.add_argument("--output-dir", required=True, help="metrics, checkpoints and the exported model go here")
+    p.add_argument("--group-size", type=int, default=8, help="responses per prompt (paper: 8)")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling (paper: not stated; off)")
+    p.add_argument("--max-response-length", type=int, default=4096, help="tokens per response (paper: 4096)")
+    p.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts are dropped at load (1024)")
+    p.add_argument("--global-batch-size", type=int, default=128, help="prompts per rollout batch (paper: 128)")
+    p.add_argument("--mini-batches", type=int, default=4,
+                   help="optimizer steps per rollout batch (paper: not stated; default 4, so that clipping acts)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="responses per forward pass and rank")
+    p.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (paper: 3e-6)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up share of all steps (paper: 0.1)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (paper: 1.0)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the prompts (paper: 3)")
+    p.add_argument("--clip-low", type=float, default=0.2, help="lower clip epsilon (paper: 0.2)")
+    p.add_argument("--clip-high", type=float, default=0.28,
+                   help="upper clip epsilon, clip-higher (paper: not stated; DAPO's 0.28)")
+    p.add_argument("--kl-coef", type=float, default=0.01,
+                   help="KL penalty weight against the starting model (paper: 0.01); 0 loads no reference model")
+    p.add_argument("--kl-estimator", choices=["k3", "k1", "k2"], default="k3",
+                   help="KL estimator (paper: not stated; default k3, verl's low_var_kl)")
+    p.add_argument("--no-std-scaling", action="store_true",
+                   help="advantages r - mean without dividing by the group std (Dr. GRPO; default: divide)")
+    p.add_argument("--mask-truncated", action="store_true",
+                   help="leave responses cut at --max-response-length out of the loss (default: they stay in, "
+                        "usually with reward 0, which pushes towards finishing)")
+    p.add_argument("--think-budget", type=int,
+                   help="force </think> after this many response tokens (off by default); forced tokens are "
+                        "masked out of the loss")
+    p.add_argument("--exit-text", default=DEFAULT_EXIT_TEXT, help="text forced at the budget (default </think>)")
+    p.add_argument("--grading-workers", type=int, help="math grading processes (default: min(8, CPUs))")
+    p.add_argument("--grading-timeout", type=float, default=5.0, help="seconds per graded answer (default 5)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.35,
+                   help="GPU share of each colocated vLLM engine (default 0.35)")
+    p.add_argument("--train-vision", action="store_true", help="also train a VLM's vision tower (default: frozen)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--attn-implementation", help="default: flash_attention_2 if installed on GPU, else sdpa")
+    p.add_argument("--max-steps", type=int, help="stop after this many rollout batches (smoke runs, tests)")
+    p.add_argument("--seed", type=int, default=0, help="data order and sampling seed")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every K rollout batches; 0 = end only")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default 2)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--sync-check", action="store_true",
+                   help="after each weight sync, compare 16 greedy tokens of vLLM and the policy (logged)")
+    p.add_argument("--wandb-project", help="also log to this wandb project (needs wandb installed)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
+    return p.parse_args(argv)
+
+
+# --- rollouts and log-probabilities ------------------------------------------------------------------------
+
+class Sample:
+    """One response: its tokens, which of them enter the loss, its reward and log-probabilities."""
+
+    def __init__(self, record, prompt_ids, response_ids, vllm_logprobs, forced, truncated, text):
+        self.record, self.prompt_ids, self.response_ids = record, prompt_ids, response_ids
+        self.vllm_logprobs, self.forced, self.truncated, self.text = vllm_logprobs, forced, truncated, text
+        self.reward = self.advantage = 0.0
+        self.old_logprobs = self.ref_logprobs = None
+
+    def loss_mask(self, mask_truncated: bool) -> list[float]:
+        if self.truncated and mask_truncated:
+            return [0.0] * len(self.response_ids)
+        forced = set(self.forced)  # forced tokens were not sampled from the policy
+        return [0.0 if j in forced else 1.0 for j in range(len(self.response_ids))]
+
+
+def rollout(llm, records, prompts, args, step: int, exit_ids, tokenizer) -> list[Sample]:
+    from vllm import SamplingParams
+
+    from engine import budget_args
+    params = [SamplingParams(n=args.group_size, temperature=args.temperature, top_p=args.top_p,
+                             max_tokens=args.max_response_length, logprobs=0,
+                             seed=(args.seed * 1_000_003 + step * 10_007 + i) % (2 ** 31),
+                             extra_args=budget_args(args.think_budget, exit_ids))
+              for i in range(len(records))]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    samples = []
+    for record, prompt_ids, output in zip(records, prompts, outputs):
+        for o in output.outputs:
+            ids = list(o.token_ids)
+            forced = count_forced(ids, args.think_budget, exit_ids) if args.think_budget is not None else []
+            samples.append(Sample(record, prompt_ids, ids, [lp[t].logprob for lp, t in zip(o.logprobs, ids)],
+                                  forced, o.finish_reason == "length", tokenizer.decode(ids, skip_special_tokens=True)))
+    return samples
+
+
+def collate(samples: list[Sample], pad_id: int, device):
+    """Right-padded prompt+response rows; `where` maps each response token to its target position."""
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(samples), width), dtype=torch.long)
+    for b, s in enumerate(samples):
+        row = s.prompt_ids + s.response_ids
+        ids[b, :len(row)] = torch.tensor(row)
+        attention[b, :len(row)] = 1
+    positions = torch.arange(width).repeat(len(samples), 1)
+    return ids.to(device), attention.to(device), positions.to(device)
+
+
+def aligned(samples: list[Sample], values: list, width: int, device) -> torch.Tensor:
+    """Per-response-token values placed at their target positions in a [B, width - 1] tensor."""
+    out = torch.zeros((len(samples), width - 1), dtype=torch.float32)
+    for b, (s, v) in enumerate(zip(samples, values)):
+        start = len(s.prompt_ids) - 1
+        out[b, start:start + len(s.response_ids)] = torch.as_tensor(v, dtype=torch.float32)
+    return out.to(device)
+
+
+def token_logprobs(model, samples, pad_id, temperature, device, with_entropy=False):
+    """Log-probabilities ([B, T-1]) of each next token under the model, at the rollout temperature."""
+    from training import position_ids_for
+    ids, attention, positions = collate(samples, pad_id, device)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids_for(model, positions)).logits
+    logits = logits[:, :-1].float() / temperature
+    logprobs = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    return logprobs, entropy
+
+
+def response_values(samples, per_token: torch.Tensor) -> list[torch.Tensor]:
+    """Cut each sample's response part out of a [B, T-1] tensor."""
+    return [per_token[b, len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)].detach().cpu()
+            for b, s in enumerate(samples)]
+
+
+@torch.no_grad()
+def fill_logprobs(model, samples, attr, args, pad_id, device) -> float:
+    """Store each sample's response log-probs under `attr`; return the summed entropy of masked tokens."""
+    entropy_sum = 0.0
+    for start in range(0, len(samples), args.micro_batch_size):
+        chunk = samples[start:start + args.micro_batch_size]
+        logprobs, entropy = token_logprobs(model, chunk, pad_id, args.temperature, device, with_entropy=True)
+        for s, values, ent in zip(chunk, response_values(chunk, logprobs), response_values(chunk, entropy)):
+            setattr(s, attr, values)
+            entropy_sum += float((ent * torch.tensor(s.loss_mask(args.mask_truncated))).sum())
+    return entropy_sum
+
+
+# --- weights into the engine --------------------------------------------------------------------------------
+
+def sync_weights(llm, model) -> None:
+    """Load the policy's weights into the vLLM engine, gathering one parameter at a time from the FSDP
+    shards, so no GPU ever holds a second full copy of the model."""
+    def weights():
+        for name, tensor in model.state_dict().items():
+            yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+    llm.reset_prefix_cache()
+
+
+def greedy_match(llm, model, prompt_ids: list[int], device, n: int = 16) -> float:
+    """Fraction of n greedy tokens on which vLLM and the policy agree (a check that the sync took)."""
+    from vllm import SamplingParams
+    out = llm.generate([{"prompt_token_ids": prompt_ids}], SamplingParams(max_tokens=n, temperature=0,
+                                                                          ignore_eos=True), use_tqdm=False)
+    engine_ids = list(out[0].outputs[0].token_ids)
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, use_cache=False)[0, len(prompt_ids):].tolist()
+    return sum(a == b for a, b in zip(engine_ids, ids)) / n
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: in-place reloads
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from data.grading import grade_many
+    from data.records import DataError
+    from engine import make_llm, on_gpu
+    from training import (MetricsLog, Timer, all_reduce_max, all_reduce_sum, export_model, init_distributed, latest_checkpoint,
+                          load_checkpoint, load_model, save_checkpoint, seed_everything, shard_model, step_indices)
+
+    rank, world, device = init_distributed()
+    seed_everything(args.seed)
+    if args.global_batch_size % world:
+        raise SystemExit(f"error: --global-batch-size {args.global_batch_size} must be a multiple of the world size {world}")
+    per_rank = args.global_batch_size // world
+    if (per_rank * args.group_size) % args.mini_batches:
+        raise SystemExit(f"error: {per_rank * args.group_size} responses per rank do not split into "
+                         f"--mini-batches {args.mini_batches}")
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
+    records = load_records(args.data, args.data_format, args.data_split, style="train")
+    for index, record in enumerate(records):
+        if record.answer is None or not str(record.answer).strip():
+            raise DataError(f"{args.data}: row {index}: no gold answer (id {record.id}); RL needs one per prompt")
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True),
+                                add_special_tokens=False) for r in records]
+    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
+    dropped = len(records) - len(keep)
+    records, prompts = [records[i] for i in keep], [prompts[i] for i in keep]
+    steps_per_epoch = len(records) // args.global_batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {args.data}: {len(records)} usable prompts, fewer than one batch ({args.global_batch_size})")
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    if rank == 0:
+        print(f"data: {len(records)} prompts ({dropped} over --max-prompt-length dropped), "
+              f"{steps_per_epoch} rollout batches per epoch, {total_steps} in all")
+
+    model = shard_model(load_model(args.model, train_vision=args.train_vision, trust_remote_code=args.trust_remote_code,
+                                   activation_checkpointing=args.activation_checkpointing,
+                                   attn_implementation=args.attn_implementation), device, args.train_vision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = max(1, round(args.warmup_ratio * total_steps * args.mini_batches))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    reference = None
+    if args.kl_coef > 0:
+        reference = shard_model(load_model(args.model, trust_remote_code=args.trust_remote_code,
+                                           attn_implementation=args.attn_implementation), device)
+        reference.requires_grad_(False)
+        reference.eval()
+
+    start_step = 0
+    if args.resume and (checkpoint := latest_checkpoint(args.output_dir)):
+        state = load_checkpoint(checkpoint, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+        if rank == 0:
+            print(f"resumed from {checkpoint} at step {start_step}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics = MetricsLog(args.output_dir, rank, args.wandb_project, vars(args), resume_step=start_step)
+
+    llm = make_llm(args.model, max_model_len=args.max_prompt_length + args.max_response_length, seed=args.seed,
+                   in_process=True, external_launcher=on_gpu(), enable_sleep_mode=on_gpu(),
+                   gpu_memory_utilization=args.gpu_memory_utilization,
+                   exit_ids=exit_ids if args.think_budget is not None else None)
+    if start_step > 0:
+        sync_weights(llm, model)
+
+    model.train()
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=rank != 0,
+                    desc="grpo")
+    for step in progress:
+        timer, times = Timer(), {}
+        indices = step_indices(len(records), args.global_batch_size, step, steps_per_epoch, args.seed)
+        mine = indices[rank * per_rank:(rank + 1) * per_rank]
+        samples = rollout(llm, [records[i] for i in mine], [prompts[i] for i in mine], args, step, exit_ids, tokenizer)
+        if on_gpu():
+            llm.sleep(level=1)  # free the KV cache (and offload weights) while training
+        times["rollout"] = timer()
+
+        rewards = grade_many([s.text for s in samples], [s.record.answer for s in samples],
+                             [s.record.options for s in samples], args.grading_workers, args.grading_timeout)
+        advantages = group_advantages(torch.tensor(rewards), args.group_size, not args.no_std_scaling)
+        for s, reward, advantage in zip(samples, rewards, advantages.tolist()):
+            s.reward, s.advantage = reward, advantage
+        times["grading"] = timer() - times["rollout"]
+
+        entropy_sum = fill_logprobs(model, samples, "old_logprobs", args, tokenizer.pad_token_id, device)
+        if reference is not None:
+            fill_logprobs(reference, samples, "ref_logprobs", args, tokenizer.pad_token_id, device)
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed + step)).tolist()
+        mini_size = len(samples) // args.mini_batches
+        sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "grad_norm": 0.0}
+        for m in range(args.mini_batches):
+            mini = [samples[i] for i in order[m * mini_size:(m + 1) * mini_size]]
+            global_tokens = all_reduce_sum(sum(sum(s.loss_mask(args.mask_truncated)) for s in mini), device).item()
+            mini_loss = 0.0
+            for start in range(0, len(mini), args.micro_batch_size):
+                chunk = mini[start:start + args.micro_batch_size]
+                logprobs, _ = token_logprobs(model, chunk, tokenizer.pad_token_id, args.temperature, device)
+                width = logprobs.shape[1] + 1
+                mask = aligned(chunk, [s.loss_mask(args.mask_truncated) for s in chunk], width, device)
+                old = aligned(chunk, [s.old_logprobs for s in chunk], width, device)
+                adv = torch.tensor([s.advantage for s in chunk], device=device)
+                loss, stats = policy_loss(logprobs, old, adv, mask, args.clip_low, args.clip_high, global_tokens)
+                if reference is not None:
+                    ref = aligned(chunk, [s.ref_logprobs for s in chunk], width, device)
+                    kl = (kl_penalty(logprobs, ref, args.kl_estimator) * mask).sum() / max(global_tokens, 1.0)
+                    loss = loss + args.kl_coef * kl
+                    sums["kl"] += kl.item()
+                # FSDP averages gradients over ranks; the loss is already divided by the global token count.
+                (loss * world).backward()
+                mini_loss += loss.item()
+                for key in ("clip_low", "clip_high"):
+                    sums[key] += stats[key].item() * mask.sum().item()
+            mini_loss = all_reduce_sum(mini_loss, device).item()
+            if not math.isfinite(mini_loss):
+                raise SystemExit(f"error: step {step + 1}, mini-batch {m + 1}: the loss is {mini_loss}; stopping "
+                                 f"without saving a checkpoint from this state (the last good one: "
+                                 f"{latest_checkpoint(args.output_dir)})")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+            sums["grad_norm"] += grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+            sums["loss"] += mini_loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        times["training"] = timer() - times["rollout"] - times["grading"]
+
+        if on_gpu():
+            llm.wake_up(tags=["weights"])
+        sync_weights(llm, model)
+        if on_gpu():
+            llm.wake_up(tags=["kv_cache"])
+        times["sync"] = timer() - times["rollout"] - times["grading"] - times["training"]
+
+        masked = sum(sum(s.loss_mask(args.mask_truncated)) for s in samples)
+        gap_terms = [(abs(v - o), w) for s in samples for v, o, w in zip(
+            s.vllm_logprobs, s.old_logprobs.tolist(), s.loss_mask(args.mask_truncated))]
+        groups = torch.tensor(rewards).view(-1, args.group_size)
+        totals = all_reduce_sum(torch.tensor([
+            sum(rewards), len(samples), float((groups.max(1).values == groups.min(1).values).sum()), len(groups),
+            sum(len(s.response_ids) for s in samples), sum(s.truncated for s in samples),
+            sum(bool(s.forced) for s in samples), masked, entropy_sum, sum(g * w for g, w in gap_terms),
+            sums["clip_low"], sums["clip_high"], sums["kl"]], dtype=torch.float64), device).tolist()
+        max_length = all_reduce_max(max(len(s.response_ids) for s in samples), device)
+        row = {"step": step + 1, "epoch": step // steps_per_epoch, "reward_mean": totals[0] / totals[1],
+               "groups_all_equal": totals[2] / totals[3], "response_length_mean": totals[4] / totals[1],
+               "response_length_max": max_length, "truncation_rate": totals[5] / totals[1],
+               "forced_exit_rate": totals[6] / totals[1], "clip_low_frac": totals[10] / max(totals[7], 1),
+               "clip_high_frac": totals[11] / max(totals[7], 1), "entropy": totals[8] / max(totals[7], 1),
+               "kl": totals[12] / args.mini_batches, "loss": sums["loss"] / args.mini_batches,
+               "grad_norm": sums["grad_norm"] / args.mini_batches, "lr": scheduler.get_last_lr()[0],
+               "vllm_logprob_gap": totals[9] / max(totals[7], 1),
+               **{f"seconds_{k}": v for k, v in times.items()}}
+        if args.sync_check:
+            row["sync_greedy_match"] = greedy_match(llm, model, prompts[mine[0]], device)
+        metrics.log(row)
+        progress.set_postfix(reward=f"{row['reward_mean']:.3f}", clip_hi=f"{row['clip_high_frac']:.3f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(args.output_dir, step + 1, model, optimizer, {"scheduler": scheduler.state_dict()},
+                            args.keep_checkpoints)
+
+    if start_step < total_steps:
+        save_checkpoint(args.output_dir, total_steps, model, optimizer, {"scheduler": scheduler.state_dict()},
+                        args.keep_checkpoints)
+    export_model(model, args.model, os.path.join(args.output_dir, "model"), args.trust_remote_code)
+    if rank == 0:
+        print(f"exported {os.path.join(args.output_dir, 'model')}")
+    del llm  # vLLM tears down its own groups; it must go before the default group does
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

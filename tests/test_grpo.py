@@ -1,0 +1,206 @@
+"""grpo.py: the objective against hand-computed values, and real runs with vLLM-CPU rollouts."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grpo import Sample, group_advantages, kl_penalty, policy_loss
+from tests.conftest import ROOT
+
+# --- the three functions ----------------------------------------------------------------------------
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    std = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    expected = torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / torch.tensor([std + 1e-6] * 4 + [1.0] * 4)
+    assert torch.allclose(group_advantages(rewards, 4), expected, atol=1e-6)
+    assert torch.allclose(group_advantages(rewards, 4, scale_by_std=False),
+                          torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    assert torch.equal(group_advantages(torch.tensor([1.0, 0.0]), 1), torch.tensor([1.0, 0.0]))
+
+
+def test_policy_loss_hand_computed():
+    old = torch.zeros(1, 3)
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1.0
+    loss, stats = policy_loss(logprobs, old, torch.tensor([1.0]), torch.tensor([[1, 1, 0]]))
+    # A = +1: min(1.5, 1.28) = 1.28 and min(0.5, 0.8) = 0.5; the third token is masked out
+    assert loss.item() == pytest.approx(-(1.28 + 0.5) / 2, abs=1e-6)
+    assert stats["clip_high"].item() == pytest.approx(0.5) and stats["clip_low"].item() == 0.0
+    loss, stats = policy_loss(logprobs, old, torch.tensor([-2.0]), torch.tensor([[1, 1, 1]]))
+    # A = -2: min(-3, -2.56) = -3; min(-1, -1.6) = -1.6; min(-2, -2) = -2
+    assert loss.item() == pytest.approx((3 + 1.6 + 2) / 3, abs=1e-6)
+    assert stats["clip_low"].item() == pytest.approx(1 / 3) and stats["clip_high"].item() == 0.0
+    loss, _ = policy_loss(logprobs, old, torch.tensor([1.0]), torch.tensor([[1, 1, 0]]), num_tokens=10)
+    assert loss.item() == pytest.approx(-(1.28 + 0.5) / 10, abs=1e-6)
+
+
+def _grad(ratio: float, advantage: float) -> float:
+    logprob = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    loss, _ = policy_loss(logprob, torch.zeros(1, 1), torch.tensor([advantage]), torch.ones(1, 1))
+    loss.backward()
+    return logprob.grad.item()
+
+
+def test_clip_higher_removes_the_gradient_only_where_it_should():
+    assert _grad(1.5, +1.0) == 0.0  # above 1 + clip_high with A > 0: clipped, no gradient
+    assert _grad(1.5, -1.0) != 0.0  # the same ratio with A < 0: the unclipped term, a gradient
+    assert _grad(0.5, -1.0) == 0.0  # below 1 - clip_low with A < 0: clipped
+    assert _grad(0.5, +1.0) != 0.0
+    # asymmetric: 1.25 is inside the upper clip (0.28) although outside a symmetric 0.2 one; 0.75 is clipped below
+    assert _grad(1.25, +1.0) != 0.0 and _grad(0.75, -1.0) == 0.0
+    _, stats = policy_loss(torch.log(torch.tensor([[1.25, 0.75]])), torch.zeros(1, 2), torch.tensor([1.0]),
+                           torch.ones(1, 2))
+    assert stats["clip_high"].item() == 0.0 and stats["clip_low"].item() == 0.0
+    _, stats = policy_loss(torch.log(torch.tensor([[1.25, 0.75]])), torch.zeros(1, 2), torch.tensor([-1.0]),
+                           torch.ones(1, 2))
+    assert stats["clip_low"].item() == 0.5 and stats["clip_high"].item() == 0.0
+
+
+def test_splitting_the_batch_with_the_global_token_count_gives_the_same_gradient():
+    torch.manual_seed(0)
+    weights = torch.randn(4, 6, requires_grad=True)  # stands in for the policy: logprobs = f(weights)
+    old = torch.randn(4, 6) * 0.1
+    advantages = torch.tensor([1.0, -0.5, 0.3, -1.2])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+
+    def logprobs(rows):
+        return torch.log_softmax(weights[rows], dim=-1)
+
+    whole, _ = policy_loss(logprobs(slice(0, 4)), old, advantages, mask)
+    whole.backward()
+    reference = weights.grad.clone()
+    weights.grad = None
+    total = int(mask.sum())
+    for rows in (slice(0, 1), slice(1, 4)):  # two micro-batches (or two ranks) of unequal token counts
+        part, _ = policy_loss(logprobs(rows), old[rows], advantages[rows], mask[rows], num_tokens=total)
+        part.backward()
+    assert torch.allclose(weights.grad, reference, atol=1e-7)
+    weights.grad = None
+    for rows in (slice(0, 1), slice(1, 4)):  # dividing by local counts instead would not match
+        part, _ = policy_loss(logprobs(rows), old[rows], advantages[rows], mask[rows])
+        part.backward()
+    assert not torch.allclose(weights.grad, reference, atol=1e-4)
+
+
+def test_kl_penalty_k3_hand_computed():
+    logp, ref = torch.log(torch.tensor([0.5, 0.25, 0.1])), torch.log(torch.tensor([0.25, 0.25, 0.4]))
+    kl = kl_penalty(logp, ref)
+    assert kl[0].item() == pytest.approx(0.5 + math.log(2) - 1, abs=1e-6)
+    assert kl[1].item() == 0.0 and kl[2].item() == pytest.approx(4 - math.log(4) - 1, abs=1e-5)
+    assert (kl_penalty(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_forced_and_truncated_tokens_leave_the_loss_by_the_stated_rule():
+    s = Sample(None, [1, 2], [5, 6, 7, 8], [0.0] * 4, forced=[2, 3], truncated=False, text="")
+    assert s.loss_mask(mask_truncated=False) == [1, 1, 0, 0]
+    cut = Sample(None, [1, 2], [5, 6, 7], [0.0] * 3, forced=[], truncated=True, text="")
+    assert cut.loss_mask(mask_truncated=False) == [1, 1, 1] and cut.loss_mask(mask_truncated=True) == [0, 0, 0]
+
+
+# --- real runs -----------------------------------------------------------------------------------------
+
+def run(script, *args, nproc=1, check=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    result = subprocess.run(launcher + [os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def write_prompts(path, n, answer="7"):
+    rows = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"Say a digit, please ({100 + i})."}],
+             "answer": answer, "kind": "math"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def digit_model(qwen2_single, tmp_path_factory):
+    """The tiny model after a short SFT on the answer format with uniformly random digits."""
+    work = tmp_path_factory.mktemp("digits")
+    rng = random.Random(0)
+    rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"Say a digit, please ({i})."}],
+             "answer": None, "target_think": "I will pick one.", "target_answer": str(rng.randint(0, 9))}
+            for i in range(64)]
+    (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run("sft.py", "--model", qwen2_single, "--data", work / "sft.jsonl", "--output-dir", work / "sft",
+        "--global-batch-size", 16, "--micro-batch-size", 16, "--epochs", 30, "--lr", 3e-3, "--lr-decay", 1.0,
+        "--save-every", 0)
+    return str(work / "sft" / "model")
+
+
+GRPO_SMALL = ["--group-size", 8, "--mini-batches", 2, "--micro-batch-size", 32, "--max-response-length", 24,
+              "--warmup-ratio", 0, "--save-every", 0]
+
+
+def test_two_ranks_sync_vllm_to_the_trained_weights(qwen2_single, tmp_path):
+    data = write_prompts(tmp_path / "p.jsonl", 16)
+    run("grpo.py", "--model", qwen2_single, "--data", data, "--output-dir", tmp_path / "o", "--global-batch-size", 4,
+        "--group-size", 4, "--mini-batches", 2, "--micro-batch-size", 4, "--max-response-length", 12, "--max-steps", 3,
+        "--lr", 1e-3, "--sync-check", "--think-budget", 6, nproc=2)
+    rows = metrics(tmp_path / "o")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["sync_greedy_match"] == 1.0 for r in rows)  # vLLM follows the trained weights after each sync
+    assert all(r["forced_exit_rate"] == 1.0 for r in rows)  # a random model never closes its thinking itself
+    assert all(r["vllm_logprob_gap"] < 1e-3 for r in rows)
+    assert rows[-1]["kl"] > 0  # the policy moved away from the reference
+    for key in ("reward_mean", "groups_all_equal", "response_length_mean", "response_length_max", "truncation_rate",
+                "clip_low_frac", "clip_high_frac", "entropy", "grad_norm", "seconds_rollout", "seconds_grading",
+                "seconds_training", "seconds_sync"):
+        assert key in rows[0]
+    assert os.path.exists(tmp_path / "o" / "model" / "model.safetensors")
+
+
+def test_reward_rises_on_a_learnable_task(digit_model, tmp_path):
+    data = write_prompts(tmp_path / "p.jsonl", 256)
+    run("grpo.py", "--model", digit_model, "--data", data, "--output-dir", tmp_path / "o", "--global-batch-size", 8,
+        *GRPO_SMALL, "--max-steps", 40, "--lr", 5e-4, "--kl-coef", 0)
+    rewards = [r["reward_mean"] for r in metrics(tmp_path / "o")]
+    assert sum(rewards[:3]) / 3 < 0.2
+    assert sum(rewards[-5:]) / 5 > 0.8
+    assert any(r["clip_high_frac"] > 0 or r["clip_low_frac"] > 0 for r in metrics(tmp_path / "o"))
+
+
+def test_resume_gives_the_same_parameters(digit_model, tmp_path):
+    data = write_prompts(tmp_path / "p.jsonl", 32)
+    common = ["--model", digit_model, "--data", data, "--global-batch-size", 4, *GRPO_SMALL, "--lr", 5e-4]
+    run("grpo.py", *common, "--output-dir", tmp_path / "full", "--max-steps", 4)
+    run("grpo.py", *common, "--output-dir", tmp_path / "split", "--max-steps", 2)
+    resumed = run("grpo.py", *common, "--output-dir", tmp_path / "split", "--max-steps", 4, "--resume")
+    assert "resumed from" in resumed.stdout
+    full, split = load_file(tmp_path / "full" / "model" / "model.safetensors"), \
+        load_file(tmp_path / "split" / "model" / "model.safetensors")
+    assert all(torch.equal(full[k], split[k]) for k in full)
+    assert [r["reward_mean"] for r in metrics(tmp_path / "split")] == [r["reward_mean"] for r in metrics(tmp_path / "full")]
+
+
+def test_prompts_without_a_gold_answer_are_rejected_with_their_row(qwen2_single, tmp_path):
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "q"}], "answer": "1"},
+            {"id": "b", "messages": [{"role": "user", "content": "q"}], "answer": None}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run("grpo.py", "--model", qwen2_single, "--data", tmp_path / "p.jsonl", "--output-dir", tmp_path / "o",
+                 check=False)
+    assert result.returncode != 0 and "p.jsonl: row 1: no gold answer (id b)" in result.stderr
+
+
+def test_a_non_finite_loss_stops_the_run(qwen2_single, tmp_path):
+    data = write_prompts(tmp_path / "p.jsonl", 8)
+    result = run("grpo.py", "--model", qwen2_single, "--data", data, "--output-dir", tmp_path / "o",
+                 "--global-batch-size", 4, *GRPO_SMALL, "--max-steps", 2, "--lr", 1e30, "--kl-coef", 0.01,
+                 "--max-grad-norm", 0, check=False)
+    assert result.returncode != 0 and "the loss is nan" in result.stderr
+    assert not os.path.exists(tmp_path / "o" / "checkpoints")
