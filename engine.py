@@ -42,8 +42,11 @@ def make_llm(model: str, *, max_model_len: int, seed: int = 0, tensor_parallel_s
         options.update(dtype="bfloat16", gpu_memory_utilization=gpu_memory_utilization,
                        enable_sleep_mode=enable_sleep_mode)
     else:
-        # fp32 so that vLLM's tokens match the trainer's; "auto" silently runs bf16 on CPU.
-        options.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)))
+        # fp32 so that vLLM's tokens match the trainer's; "auto" silently runs bf16 on CPU. No chunked
+        # prefill: a split prefill makes vLLM rewind the request's seeded generator, which CPU generators
+        # cannot do ("CPU Generator does not use offset"), so seeded sampling would crash.
+        options.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)),
+                       enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
     try:
         llm = LLM(**options)
     except Exception as exc:

