@@ -21,7 +21,7 @@ from collections import Counter
 
 from data.benchmarks import BENCHMARKS, is_multimodal, load_benchmark
 from data.grading import choice_letter, extract_answer, grade_many, normalise_answer
-from data.records import DataError, write_jsonl_line
+from data.records import DataError, open_for_append, write_jsonl_line
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 
 
@@ -218,7 +218,7 @@ def evaluate_benchmark(backend, args, name, path, out_dir, budget, max_tokens, e
                     done[item["id"]] = item
     todo = [r for r in records if r.id not in done]
     print(f"{name}: {len(records)} items, {len(done)} already done")
-    with open(results_path, "a", encoding="utf-8") as fh:
+    with open_for_append(results_path) as fh:
         for start in range(0, len(todo), args.chunk_size):
             chunk = todo[start:start + args.chunk_size]
             items = run_items(backend, chunk, args.samples, args.temperature, budget, max_tokens, exit_ids)

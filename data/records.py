@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 
 
@@ -45,3 +46,14 @@ def write_jsonl_line(fh, obj: dict) -> None:
     """Append one JSON line and flush, so an interrupted run loses at most the line in flight."""
     fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
     fh.flush()
+
+
+def open_for_append(path: str):
+    """Open a JSONL file to append to, first cutting off a last line left unfinished by a crash (which
+    the next line would otherwise be glued to)."""
+    if os.path.exists(path):
+        with open(path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")

@@ -1,5 +1,8 @@
 """Session fixtures: tiny models and tokenizers built locally (no downloads), cached per test session."""
+import json
 import os
+import random
+import subprocess
 import sys
 
 import pytest
@@ -72,3 +75,31 @@ def vllm_engine(model: str, with_processor: bool = True, **kwargs):
             _engines[key] = LLM(model=model, max_model_len=512, dtype="float32", enforce_eager=True, seed=0,
                                 kv_cache_memory_bytes=1 << 30, **kwargs)
     return _engines[key]
+
+
+def run_script(script, *args, nproc=1, check=True):
+    """Run one of the stage scripts as a user would (torchrun when nproc > 1)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    result = subprocess.run(launcher + [os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def digit_model(qwen2_single, tmp_path_factory):
+    """The tiny model after a short SFT on the answer format with uniformly random digits."""
+    work = tmp_path_factory.mktemp("digits")
+    rng = random.Random(0)
+    rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"Say a digit, please ({i})."}],
+             "answer": None, "target_think": "I will pick one.", "target_answer": str(rng.randint(0, 9))}
+            for i in range(64)]
+    (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_script("sft.py", "--model", qwen2_single, "--data", work / "sft.jsonl", "--output-dir", work / "sft",
+        "--global-batch-size", 16, "--micro-batch-size", 16, "--epochs", 30, "--lr", 3e-3, "--lr-decay", 1.0,
+        "--save-every", 0)
+    return str(work / "sft" / "model")
+
+

@@ -2,16 +2,13 @@
 import json
 import math
 import os
-import random
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from grpo import Sample, group_advantages, kl_penalty, policy_loss
-from tests.conftest import ROOT
+from tests.conftest import run_script as run
 
 # --- the three functions ----------------------------------------------------------------------------
 
@@ -106,16 +103,6 @@ def test_forced_and_truncated_tokens_leave_the_loss_by_the_stated_rule():
 
 # --- real runs -----------------------------------------------------------------------------------------
 
-def run(script, *args, nproc=1, check=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    result = subprocess.run(launcher + [os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=900)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 def metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh]
@@ -126,21 +113,6 @@ def write_prompts(path, n, answer="7"):
              "answer": answer, "kind": "math"} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def digit_model(qwen2_single, tmp_path_factory):
-    """The tiny model after a short SFT on the answer format with uniformly random digits."""
-    work = tmp_path_factory.mktemp("digits")
-    rng = random.Random(0)
-    rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"Say a digit, please ({i})."}],
-             "answer": None, "target_think": "I will pick one.", "target_answer": str(rng.randint(0, 9))}
-            for i in range(64)]
-    (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run("sft.py", "--model", qwen2_single, "--data", work / "sft.jsonl", "--output-dir", work / "sft",
-        "--global-batch-size", 16, "--micro-batch-size", 16, "--epochs", 30, "--lr", 3e-3, "--lr-decay", 1.0,
-        "--save-every", 0)
-    return str(work / "sft" / "model")
 
 
 GRPO_SMALL = ["--group-size", 8, "--mini-batches", 2, "--micro-batch-size", 32, "--max-response-length", 24,

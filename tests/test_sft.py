@@ -2,8 +2,6 @@
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from safetensors.torch import load_file
 
 import sft
 from data.records import Record
-from tests.conftest import ROOT, vllm_engine
+from tests.conftest import run_script, vllm_engine
 
 
 def write_data(path, n, seed=0, long_prompt=False):
@@ -28,13 +26,8 @@ def write_data(path, n, seed=0, long_prompt=False):
 
 
 def run_sft(model, data, out, *extra, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    cmd = launcher + [os.path.join(ROOT, "sft.py"), "--model", model, "--data", data, "--output-dir", str(out),
-                      "--max-length", "256", "--save-every", "0", *extra]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_script("sft.py", "--model", model, "--data", data, "--output-dir", out, "--max-length", 256,
+                      "--save-every", 0, *extra, nproc=nproc)
 
 
 def losses(out):
@@ -185,10 +178,9 @@ def test_vlm_trains_on_text_with_the_vision_tower_frozen(qwen2_5_vl, tmp_path):
 
 def test_non_finite_loss_stops_without_a_checkpoint(qwen2_single, tmp_path):
     data = write_data(tmp_path / "d.jsonl", 8)
-    cmd = [sys.executable, os.path.join(ROOT, "sft.py"), "--model", qwen2_single, "--data", data,
-           "--output-dir", str(tmp_path / "o"), "--global-batch-size", "4", "--micro-batch-size", "4",
-           "--max-steps", "3", "--lr", "1e30", "--max-length", "256"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_script("sft.py", "--model", qwen2_single, "--data", data, "--output-dir", tmp_path / "o",
+                        "--global-batch-size", 4, "--micro-batch-size", 4, "--max-steps", 3, "--lr", 1e30,
+                        "--max-length", 256, check=False)
     assert result.returncode != 0
     assert "the loss is nan" in result.stderr or "the loss is inf" in result.stderr
     assert not os.path.exists(tmp_path / "o" / "checkpoints") or not os.listdir(tmp_path / "o" / "checkpoints")
