@@ -142,6 +142,7 @@ BENCHMARKS = {
     "mathvision": (_mathvision, "MathLLMs/MathVision", [None], "test", None),
     "mmstar": (_mmstar, "Lin-Chen/MMStar", [None], "val", None),
     "medxpertqa_mm": (_medxpertqa, "TsinghuaC3I/MedXpertQA", ["MM"], "test", None),
+    "records": ("records", None, [None], None, None),  # a local JSONL of this project's Records, prompts as given
     "omnimedvqa": (_omnimedvqa, None, [None], None, None),
     "nejm": (_nejm, None, [None], None, None),
 }
