@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument("--benchmarks", required=True,
-                   help=f"comma-separated NAME (from the hub) or NAME=PATH (a local file). Known: {', '.join(BENCHMARKS)}")
+                   help=f"comma-separated NAME (from the hub) or NAME=PATH (a local file); records=PATH is a file of "
+                        f"this project's records, reported under its file name. Known: {', '.join(BENCHMARKS)}")
     p.add_argument("--output-dir", default="runs/eval", help="where results go (default: runs/eval)")
     p.add_argument("--backend", choices=["vllm", "hf"], default="vllm",
                    help="vllm (default; text and images on GPU, text on CPU) or hf (transformers; images on CPU)")
@@ -200,12 +201,12 @@ def run_items(backend, records, n, temperature, budget, max_tokens, exit_ids):
     return items
 
 
-def evaluate_benchmark(backend, args, name, path, out_dir, budget, max_tokens, exit_ids) -> dict:
+def evaluate_benchmark(backend, args, name, path, label, out_dir, budget, max_tokens, exit_ids) -> dict:
     records = load_benchmark(name, path, args.limit)
     for record in records:
         if record.answer is None:
-            raise DataError(f"{name}: item {record.id}: no gold answer")
-    results_path = os.path.join(out_dir, f"{name}.jsonl")
+            raise DataError(f"{label}: item {record.id}: no gold answer")
+    results_path = os.path.join(out_dir, f"{label}.jsonl")
     done = {}
     if os.path.exists(results_path):
         with open(results_path) as fh:
@@ -217,7 +218,7 @@ def evaluate_benchmark(backend, args, name, path, out_dir, budget, max_tokens, e
                         continue  # a line cut by an interrupted run: that item runs again
                     done[item["id"]] = item
     todo = [r for r in records if r.id not in done]
-    print(f"{name}: {len(records)} items, {len(done)} already done")
+    print(f"{label}: {len(records)} items, {len(done)} already done")
     with open_for_append(results_path) as fh:
         for start in range(0, len(todo), args.chunk_size):
             chunk = todo[start:start + args.chunk_size]
@@ -232,8 +233,8 @@ def evaluate_benchmark(backend, args, name, path, out_dir, budget, max_tokens, e
             for item in items:
                 write_jsonl_line(fh, item)
                 done[item["id"]] = item
-    summary = summarize(name, [done[r.id] for r in records], args.samples)
-    with open(os.path.join(out_dir, f"{name}.summary.json"), "w") as fh:
+    summary = summarize(label, [done[r.id] for r in records], args.samples)
+    with open(os.path.join(out_dir, f"{label}.summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
 
@@ -276,8 +277,10 @@ def main(argv=None):
         name, _, path = spec.strip().partition("=")
         if name not in BENCHMARKS:
             raise SystemExit(f"error: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-        specs.append((name, path or None))
-    args.multimodal = any(is_multimodal(name) for name, _ in specs)
+        # your own files are reported under their file name, so that several can run at once
+        label = os.path.splitext(os.path.basename(path))[0] if name == "records" and path else name
+        specs.append((name, path or None, label))
+    args.multimodal = any(is_multimodal(name) for name, _, _ in specs)
     os.makedirs(args.output_dir, exist_ok=True)
 
     from transformers import AutoTokenizer
@@ -297,8 +300,8 @@ def main(argv=None):
     all_summaries = []
     for budget, max_tokens, out_dir in runs:
         os.makedirs(out_dir, exist_ok=True)
-        for name, path in specs:
-            summary = evaluate_benchmark(backend, args, name, path, out_dir, budget, max_tokens, exit_ids)
+        for name, path, label in specs:
+            summary = evaluate_benchmark(backend, args, name, path, label, out_dir, budget, max_tokens, exit_ids)
             all_summaries.append({**summary, "think_budget": budget})
     print(format_table(all_summaries))
     if args.budgets:
