@@ -20,7 +20,7 @@ import json
 import os
 from collections import Counter
 
-from data import DATA_FORMATS, Record, extract_answer, grade_many, load_records
+from data import Record, add_data_arguments, extract_answer, grade_many, load_records
 from data.records import open_for_append, write_jsonl_line
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 
@@ -28,9 +28,7 @@ from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher model: directory or hub id (paper: QwQ-32B)")
-    p.add_argument("--data", required=True, help="questions with gold answers: a file, a source name or a hub id")
-    p.add_argument("--data-format", choices=DATA_FORMATS, help="override the format recognised from the fields")
-    p.add_argument("--data-split", help="hub split (default: the source's training split)")
+    add_data_arguments(p, "questions with gold answers")
     p.add_argument("--output", required=True, help="JSONL to append kept traces to (sft.py's input format)")
     p.add_argument("--samples", type=int, default=4, help="samples per question (default 4)")
     p.add_argument("--keep", type=int, default=1, help="correct traces kept per question (default 1)")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import DATA_FORMATS, load_records
+from data import add_data_arguments, load_records
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 
 
@@ -80,9 +80,7 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3"):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="starting policy, usually sft.py's OUT/model")
-    p.add_argument("--data", required=True, help="prompts with gold answers: a file, a source name or a hub id")
-    p.add_argument("--data-format", choices=DATA_FORMATS, help="override the format recognised from the fields")
-    p.add_argument("--data-split", help="hub split (default: the source's training split)")
+    add_data_arguments(p, "prompts with gold answers")
     p.add_argument("--output-dir", required=True, help="metrics, checkpoints and the exported model go here")
     p.add_argument("--group-size", type=int, default=8, help="responses per prompt (paper: 8)")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.0)")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DATA_FORMATS, assistant_target, load_records
+from data import add_data_arguments, assistant_target, load_records
 from training import (MetricsLog, Timer, all_reduce_sum, count_params, export_model, init_distributed,
                       latest_checkpoint, load_checkpoint, load_model, peak_flops, position_ids_for,
                       save_checkpoint, seed_everything, shard_model, step_indices, train_flops)
@@ -32,9 +32,7 @@ IGNORE = -100
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="base model: directory or hub id (paper: Qwen2.5-VL-7B-Instruct)")
-    p.add_argument("--data", required=True, help="training data: a JSON/JSONL/Parquet file, a source name or a hub id")
-    p.add_argument("--data-format", choices=DATA_FORMATS, help="override the format recognised from the fields")
-    p.add_argument("--data-split", help="hub split (default: the source's training split)")
+    add_data_arguments(p, "training data")
     p.add_argument("--output-dir", required=True, help="metrics, checkpoints and the exported model go here")
     p.add_argument("--epochs", type=int, default=4, help="passes over the data (paper: 4)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")

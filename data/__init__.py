@@ -1,8 +1,8 @@
 """Data shared by every stage: the record type, loaders, the paper's prompts and answer grading."""
 from data.grading import extract_answer, grade, grade_many
-from data.loaders import DATA_FORMATS, SOURCES, load_records, write_records
+from data.loaders import DATA_FORMATS, SOURCES, add_data_arguments, load_records, write_records
 from data.prompts import assistant_target, prompt_text, user_messages
 from data.records import DataError, Record
 
-__all__ = ["DATA_FORMATS", "SOURCES", "DataError", "Record", "assistant_target", "extract_answer", "grade",
+__all__ = ["DATA_FORMATS", "SOURCES", "DataError", "Record", "add_data_arguments", "assistant_target", "extract_answer", "grade",
            "grade_many", "load_records", "prompt_text", "user_messages", "write_records"]

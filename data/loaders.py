@@ -178,6 +178,13 @@ def detect_format(row) -> str | None:
     return next((fmt for required, fmt in rules if required <= keys), None)
 
 
+def add_data_arguments(parser, what: str) -> None:
+    """--data, --data-format and --data-split, the same in every stage that reads a data set."""
+    parser.add_argument("--data", required=True, help=f"{what}: a JSON/JSONL/Parquet file, a source name or a hub id")
+    parser.add_argument("--data-format", choices=DATA_FORMATS, help="override the format recognised from the fields")
+    parser.add_argument("--data-split", help="hub split (default: the source's training split)")
+
+
 # --- reading rows ---------------------------------------------------------------------------------
 
 def is_file_spec(data: str) -> bool:
