@@ -212,15 +212,18 @@ def response_values(samples, per_token: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def fill_logprobs(model, samples, attr, args, pad_id, device) -> float:
-    """Store each sample's response log-probs under `attr`; return the summed entropy of masked tokens."""
+def fill_logprobs(model, samples, attr, args, pad_id, device, with_entropy=False) -> float:
+    """Store each sample's response log-probs under `attr`; with_entropy, return the summed entropy of
+    the tokens that enter the loss."""
     entropy_sum = 0.0
     for start in range(0, len(samples), args.micro_batch_size):
         chunk = samples[start:start + args.micro_batch_size]
-        logprobs, entropy = token_logprobs(model, chunk, pad_id, args.temperature, device, with_entropy=True)
-        for s, values, ent in zip(chunk, response_values(chunk, logprobs), response_values(chunk, entropy)):
+        logprobs, entropy = token_logprobs(model, chunk, pad_id, args.temperature, device, with_entropy)
+        for s, values in zip(chunk, response_values(chunk, logprobs)):
             setattr(s, attr, values)
-            entropy_sum += float((ent * torch.tensor(s.loss_mask(args.mask_truncated))).sum())
+        if with_entropy:
+            for s, ent in zip(chunk, response_values(chunk, entropy)):
+                entropy_sum += float((ent * torch.tensor(s.loss_mask(args.mask_truncated))).sum())
     return entropy_sum
 
 
@@ -340,7 +343,8 @@ def main(argv=None):
             s.reward, s.advantage = reward, advantage
         times["grading"] = timer() - times["rollout"]
 
-        entropy_sum = fill_logprobs(model, samples, "old_logprobs", args, tokenizer.pad_token_id, device)
+        entropy_sum = fill_logprobs(model, samples, "old_logprobs", args, tokenizer.pad_token_id, device,
+                                    with_entropy=True)
         if reference is not None:
             fill_logprobs(reference, samples, "ref_logprobs", args, tokenizer.pad_token_id, device)
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed + step)).tolist()

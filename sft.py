@@ -163,7 +163,7 @@ def main(argv=None):
         print(f"data: {len(records)} rows loaded, {len(bad_rows or [])} bad rows skipped, "
               f"{skipped['no_target']} without a target, {skipped['too_long_dropped']} over-length dropped, "
               f"{skipped['truncated']} truncated; {len(examples)} examples, {steps_per_epoch} steps per epoch, "
-              f"{total_steps} steps")
+              f"{total_steps} steps" + (f"\nfirst bad row: {bad_rows[0]}" if bad_rows else ""))
 
     model = load_model(args.model, train_vision=args.train_vision, trust_remote_code=args.trust_remote_code,
                        activation_checkpointing=args.activation_checkpointing,

@@ -46,9 +46,11 @@ def test_loss_is_the_same_however_the_batch_is_split(qwen2_single, tmp_path):
     run_sft(qwen2_single, data, tmp_path / "accum", *common, "--micro-batch-size", "2")
     run_sft(qwen2_single, data, tmp_path / "ranks", *common, "--micro-batch-size", "1", nproc=2)
     run_sft(qwen2_single, data, tmp_path / "padded", *common, "--micro-batch-size", "2", "--batching", "padded")
+    run_sft(qwen2_single, data, tmp_path / "recompute", *common, "--micro-batch-size", "4",
+            "--activation-checkpointing")
     reference = losses(tmp_path / "one")
     assert len(reference) == 4 and reference[0] > reference[-1]  # it learns
-    for run in ("accum", "ranks", "padded"):
+    for run in ("accum", "ranks", "padded", "recompute"):
         assert losses(tmp_path / run) == pytest.approx(reference, abs=1e-5), run
     with open(tmp_path / "padded" / "metrics.jsonl") as fh:
         assert any(json.loads(line)["padding_fraction"] > 0 for line in fh)
