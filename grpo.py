@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import add_data_arguments, load_records
+from training import add_trainer_arguments
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 
 
@@ -116,18 +117,12 @@ def parse_args(argv=None):
     p.add_argument("--grading-timeout", type=float, default=5.0, help="seconds per graded answer (default 5)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.35,
                    help="GPU share of each colocated vLLM engine (default 0.35)")
-    p.add_argument("--train-vision", action="store_true", help="also train a VLM's vision tower (default: frozen)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--attn-implementation", help="default: flash_attention_2 if installed on GPU, else sdpa")
     p.add_argument("--max-steps", type=int, help="stop after this many rollout batches (smoke runs, tests)")
     p.add_argument("--seed", type=int, default=0, help="data order and sampling seed")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every K rollout batches; 0 = end only")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default 2)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--sync-check", action="store_true",
                    help="after each weight sync, compare 16 greedy tokens of vLLM and the policy (logged)")
-    p.add_argument("--wandb-project", help="also log to this wandb project (needs wandb installed)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
+    add_trainer_arguments(p)
     return p.parse_args(argv)
 
 

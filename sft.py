@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import add_data_arguments, assistant_target, load_records
-from training import (MetricsLog, Timer, all_reduce_sum, count_params, export_model, init_distributed,
-                      latest_checkpoint, load_checkpoint, load_model, peak_flops, position_ids_for,
+from training import (MetricsLog, Timer, add_trainer_arguments, all_reduce_sum, count_params, export_model,
+                      init_distributed, latest_checkpoint, load_checkpoint, load_model, peak_flops, position_ids_for,
                       save_checkpoint, seed_everything, shard_model, step_indices, train_flops)
 
 IGNORE = -100
@@ -55,16 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--no-cot", action="store_true",
                    help="train on the answer alone, <answer>...</answer> (the non-CoT ablation of Table 1)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip rows that fail to load (default: stop)")
-    p.add_argument("--train-vision", action="store_true", help="also train a VLM's vision tower (default: frozen)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--attn-implementation", help="default: flash_attention_2 if installed on GPU, else sdpa")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs, tests)")
     p.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every K steps (and at the end); 0 = end only")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default 2)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    p.add_argument("--wandb-project", help="also log to this wandb project (needs wandb installed)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
+    add_trainer_arguments(p)
     return p.parse_args(argv)
 
 

@@ -17,6 +17,17 @@ import torch.distributed as dist
 CHECKPOINT_DIR = "checkpoints"
 
 
+def add_trainer_arguments(parser) -> None:
+    """The flags sft.py and grpo.py share word for word: model options, checkpoints kept, resume, logging."""
+    parser.add_argument("--train-vision", action="store_true", help="also train a VLM's vision tower (default: frozen)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--attn-implementation", help="default: flash_attention_2 if installed on GPU, else sdpa")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default 2)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    parser.add_argument("--wandb-project", help="also log to this wandb project (needs wandb installed)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
+
+
 # --- processes ---------------------------------------------------------------------------------------
 
 def init_distributed() -> tuple[int, int, torch.device]:
