@@ -176,3 +176,24 @@ def test_a_non_finite_loss_stops_the_run(qwen2_single, tmp_path):
                  "--max-grad-norm", 0, check=False)
     assert result.returncode != 0 and "the loss is nan" in result.stderr
     assert not os.path.exists(tmp_path / "o" / "checkpoints")
+
+
+def test_vlm_policy_log_probs_on_text_are_padding_invariant(qwen2_5_vl):
+    """The GRPO training side with a Qwen2.5-VL policy (vision tower frozen, 4-row position ids):
+    log-probs of a padded batch equal those of each sample alone. (Rollouts from a VLM need vLLM with
+    Qwen2.5-VL, which runs on GPU only.)"""
+    import argparse
+
+    from grpo import fill_logprobs
+    from training import load_model
+    model = load_model(qwen2_5_vl)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".visual." in f".{n}")
+    samples = [Sample(None, [5, 6, 7], [8, 9, 10, 11], [0.0] * 4, [], False, ""),
+               Sample(None, [5, 6, 7, 12, 13, 14], [15, 16], [0.0] * 2, [], False, "")]
+    args = argparse.Namespace(micro_batch_size=2, temperature=1.0, mask_truncated=False)
+    entropy = fill_logprobs(model, samples, "old_logprobs", args, pad_id=0, device="cpu", with_entropy=True)
+    assert entropy > 0 and [len(s.old_logprobs) for s in samples] == [4, 2]
+    for s in samples:
+        alone = Sample(None, s.prompt_ids, s.response_ids, [], [], False, "")
+        fill_logprobs(model, [alone], "old_logprobs", args, pad_id=0, device="cpu")
+        assert torch.allclose(alone.old_logprobs, s.old_logprobs, atol=1e-5)
