@@ -83,7 +83,7 @@ def budget_args(budget: int | None, exit_ids: list[int], close_ids: list[int] | 
 
 # --- the transformers backend (CPU image evaluation, and a reference for vLLM) ---------------------
 
-def _images_of(conversation) -> list:
+def images_of(conversation) -> list:
     return [part["image"] for message in conversation if isinstance(message["content"], list)
             for part in message["content"] if part.get("type") == "image"]
 
@@ -94,7 +94,7 @@ def hf_inputs(tokenizer, image_processor, conversations, max_pixels: int | None 
     <|image_pad|> expanded to the image's number of merged patches)."""
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     extra = {}
-    images = [image for c in conversations for image in _images_of(c)]
+    images = [image for c in conversations for image in images_of(c)]
     if images:
         size = dict(image_processor.size)
         if max_pixels:

@@ -122,14 +122,14 @@ class VLLMBackend:
         self.args = args
 
     def generate(self, conversations, n, temperature, max_tokens, extra_args):
-        from engine import _images_of
+        from engine import images_of
         from vllm import SamplingParams
         params = SamplingParams(n=n, temperature=temperature, top_p=self.args.top_p if temperature > 0 else 1.0,
                                 max_tokens=max_tokens, seed=self.args.seed, extra_args=extra_args)
         prompts = []
         for conversation in conversations:
             text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-            images = _images_of(conversation)
+            images = images_of(conversation)
             if images:
                 prompts.append({"prompt": text, "multi_modal_data": {"image": images},
                                 "mm_processor_kwargs": {"max_pixels": self.args.max_pixels,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 
 from data.prompts import user_messages
 from data.records import DataError, Record
