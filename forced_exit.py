@@ -12,6 +12,8 @@ forcing). Used by every evaluation in the paper, with a 4,096-token cap.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 DEFAULT_EXIT_TEXT = "</think>"
@@ -100,6 +102,8 @@ def _force(logits: torch.Tensor, rows: list[int], tokens: list[int]) -> torch.Te
 
 
 def _vllm_processor_base():
+    # importing vLLM warns about torch internals it uses: nothing for a user of this project to act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
     from vllm.v1.sample.logits_processor import LogitsProcessor
     return LogitsProcessor
 

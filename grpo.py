@@ -14,17 +14,16 @@ After each rollout batch's last optimizer step the new weights are loaded into t
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from data import add_data_arguments, load_records
-from training import add_trainer_arguments
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
+from packing import micro_batches, pack, target_logprobs
+from training import add_trainer_arguments
 
 
 # --- the objective (pure functions) -------------------------------------------------------------------
@@ -46,13 +45,15 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float = 0.2,
                 num_tokens: float | None = None):
     """Clipped surrogate -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A), summed over the
     tokens where mask is 1 and divided by num_tokens (the response tokens of the whole global batch;
-    the local mask sum when not given). Shapes: [B, T] for logprobs and mask, [B] for advantages.
+    the local mask sum when not given). Shapes: [B, T] for logprobs and mask, and [B] (one per sequence) or
+    [B, T] for advantages; or all flat, one value per token.
 
     Returns (loss, stats) with the fractions of tokens clipped below (ratio < 1 - clip_low, A < 0) and
     above (ratio > 1 + clip_high, A > 0), where the clipped term is chosen and the gradient is zero."""
     mask = mask.to(logprobs.dtype)
     ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.to(logprobs.dtype).unsqueeze(-1)
+    adv = advantages.to(logprobs.dtype)
+    adv = adv.unsqueeze(-1) if adv.dim() < logprobs.dim() else adv
     surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
     denominator = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logprobs.dtype)
     loss = -(surrogate * mask).sum() / denominator.clamp(min=1)
@@ -91,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--global-batch-size", type=int, default=128, help="prompts per rollout batch (paper: 128)")
     p.add_argument("--mini-batches", type=int, default=4,
                    help="optimizer steps per rollout batch (paper: not stated; default 4, so that clipping acts)")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="responses per forward pass and rank")
+    p.add_argument("--max-tokens-per-micro-batch", type=int, default=16384,
+                   help="prompt + response tokens per forward pass and rank (default 16,384), packed into one row")
     p.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (paper: 3e-6)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up share of all steps (paper: 0.1)")
@@ -115,8 +117,12 @@ def parse_args(argv=None):
     p.add_argument("--exit-text", default=DEFAULT_EXIT_TEXT, help="text forced at the budget (default </think>)")
     p.add_argument("--grading-workers", type=int, help="math grading processes (default: min(8, CPUs))")
     p.add_argument("--grading-timeout", type=float, default=5.0, help="seconds per graded answer (default 5)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.35,
-                   help="GPU share of each colocated vLLM engine (default 0.35)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.6,
+                   help="GPU share of each colocated vLLM engine (default 0.6). Qwen2.5-VL-7B on 8 x 80 GB: the "
+                        "trainer keeps ~20 GiB per GPU through rollouts (fp32 shards of weights, gradients, AdamW "
+                        "and reference; the bf16 vision tower), vLLM takes 48 GiB (15 GiB weights, ~31 GiB KV cache: "
+                        "540k tokens of the 655k a rank's 16 x 8 x 5,120 could use); training runs while vLLM sleeps "
+                        "(bench/memory.py prints the table)")
     p.add_argument("--max-steps", type=int, help="stop after this many rollout batches (smoke runs, tests)")
     p.add_argument("--seed", type=int, default=0, help="data order and sampling seed")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every K rollout batches; 0 = end only")
@@ -144,13 +150,21 @@ class Sample:
         return [0.0 if j in forced else 1.0 for j in range(len(self.response_ids))]
 
 
-def rollout(llm, records, prompts, args, step: int, exit_ids, tokenizer) -> list[Sample]:
+def rollout_seed(seed: int, step: int, prompt_index: int, group_size: int, prompts_per_step: int) -> int:
+    """The seed of one prompt's request. vLLM gives its j-th sample the seed + j, so requests are spaced
+    group_size apart: every (run seed, step, prompt of the global batch, sample) has its own stream."""
+    return seed * 2 ** 40 + (step * prompts_per_step + prompt_index) * group_size
+
+
+def rollout(llm, records, prompts, args, step: int, exit_ids, tokenizer, first_index: int) -> list[Sample]:
+    """group_size responses per prompt; first_index is this rank's first prompt in the global batch."""
     from vllm import SamplingParams
 
     from engine import budget_args
     params = [SamplingParams(n=args.group_size, temperature=args.temperature, top_p=args.top_p,
                              max_tokens=args.max_response_length, logprobs=0,
-                             seed=(args.seed * 1_000_003 + step * 10_007 + i) % (2 ** 31),
+                             seed=rollout_seed(args.seed, step, first_index + i, args.group_size,
+                                               args.global_batch_size),
                              extra_args=budget_args(args.think_budget, exit_ids))
               for i in range(len(records))]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -164,60 +178,39 @@ def rollout(llm, records, prompts, args, step: int, exit_ids, tokenizer) -> list
     return samples
 
 
-def collate(samples: list[Sample], pad_id: int, device):
-    """Right-padded prompt+response rows; `where` maps each response token to its target position."""
-    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(samples), width), dtype=torch.long)
-    for b, s in enumerate(samples):
-        row = s.prompt_ids + s.response_ids
-        ids[b, :len(row)] = torch.tensor(row)
-        attention[b, :len(row)] = 1
-    positions = torch.arange(width).repeat(len(samples), 1)
-    return ids.to(device), attention.to(device), positions.to(device)
+def collate(samples: list[Sample]):
+    """A micro-batch packed into one row; the targets are the response tokens, each predicted from the
+    position before it."""
+    return pack([s.prompt_ids + s.response_ids for s in samples],
+                [[(len(s.prompt_ids) - 1 + j, t) for j, t in enumerate(s.response_ids)] for s in samples])
 
 
-def aligned(samples: list[Sample], values: list, width: int, device) -> torch.Tensor:
-    """Per-response-token values placed at their target positions in a [B, width - 1] tensor."""
-    out = torch.zeros((len(samples), width - 1), dtype=torch.float32)
-    for b, (s, v) in enumerate(zip(samples, values)):
-        start = len(s.prompt_ids) - 1
-        out[b, start:start + len(s.response_ids)] = torch.as_tensor(v, dtype=torch.float32)
-    return out.to(device)
+def per_sample(samples: list[Sample], values: torch.Tensor) -> list[torch.Tensor]:
+    """Cut a micro-batch's flat per-response-token values into one tensor per sample."""
+    return list(values.detach().cpu().split([len(s.response_ids) for s in samples]))
 
 
-def token_logprobs(model, samples, pad_id, temperature, device, with_entropy=False):
-    """Log-probabilities ([B, T-1]) of each next token under the model, at the rollout temperature."""
-    from training import position_ids_for
-    ids, attention, positions = collate(samples, pad_id, device)
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids_for(model, positions)).logits
-    logits = logits[:, :-1].float() / temperature
-    logprobs = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
-    return logprobs, entropy
+def flat(values: list, device) -> torch.Tensor:
+    """Per-sample lists of per-response-token values, concatenated in sample order (as collate's targets)."""
+    return torch.cat([torch.as_tensor(v, dtype=torch.float32) for v in values]).to(device)
 
 
-def response_values(samples, per_token: torch.Tensor) -> list[torch.Tensor]:
-    """Cut each sample's response part out of a [B, T-1] tensor."""
-    return [per_token[b, len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)].detach().cpu()
-            for b, s in enumerate(samples)]
+def micro_batches_of(samples: list[Sample], args) -> list[list[Sample]]:
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    return [[samples[i] for i in group] for group in micro_batches(lengths, args.max_tokens_per_micro_batch)]
 
 
 @torch.no_grad()
-def fill_logprobs(model, samples, attr, args, pad_id, device, with_entropy=False) -> float:
+def fill_logprobs(model, samples, attr, args, device, with_entropy=False) -> float:
     """Store each sample's response log-probs under `attr`; with_entropy, return the summed entropy of
     the tokens that enter the loss."""
     entropy_sum = 0.0
-    for start in range(0, len(samples), args.micro_batch_size):
-        chunk = samples[start:start + args.micro_batch_size]
-        logprobs, entropy = token_logprobs(model, chunk, pad_id, args.temperature, device, with_entropy)
-        for s, values in zip(chunk, response_values(chunk, logprobs)):
+    for chunk in micro_batches_of(samples, args):
+        logprobs, entropy = target_logprobs(model, collate(chunk), device, args.temperature, with_entropy)
+        for s, values in zip(chunk, per_sample(chunk, logprobs)):
             setattr(s, attr, values)
         if with_entropy:
-            for s, ent in zip(chunk, response_values(chunk, entropy)):
+            for s, ent in zip(chunk, per_sample(chunk, entropy)):
                 entropy_sum += float((ent * torch.tensor(s.loss_mask(args.mask_truncated))).sum())
     return entropy_sum
 
@@ -254,13 +247,15 @@ def main(argv=None):
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from data.grading import grade_many
+    from data.grading import grade_many, start_grading_workers
     from data.records import DataError
-    from engine import make_llm, on_gpu
-    from training import (MetricsLog, Timer, all_reduce_max, all_reduce_sum, export_model, init_distributed, latest_checkpoint,
-                          load_checkpoint, load_model, save_checkpoint, seed_everything, shard_model, step_indices)
+    from engine import make_llm, on_gpu, shutdown_llm
+    from training import (MetricsLog, Timer, all_reduce_max, all_reduce_sum, export_model, init_distributed,
+                          latest_checkpoint, load_checkpoint, load_model, peak_memory_gib, save_checkpoint,
+                          seed_everything, shard_model, step_indices, vision_tower)
 
     rank, world, device = init_distributed()
+    start_grading_workers(args.grading_workers, args.grading_timeout)  # they import math-verify while we load
     seed_everything(args.seed)
     if args.global_batch_size % world:
         raise SystemExit(f"error: --global-batch-size {args.global_batch_size} must be a multiple of the world size {world}")
@@ -297,8 +292,11 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     reference = None
     if args.kl_coef > 0:
-        reference = shard_model(load_model(args.model, trust_remote_code=args.trust_remote_code,
-                                           attn_implementation=args.attn_implementation), device)
+        reference = load_model(args.model, trust_remote_code=args.trust_remote_code, activation_checkpointing=False,
+                               attn_implementation=args.attn_implementation)
+        if vision_tower(reference) is not None and not args.train_vision:  # frozen: the policy's is the same
+            reference.model.visual = vision_tower(model)
+        reference = shard_model(reference, device)
         reference.requires_grad_(False)
         reference.eval()
 
@@ -326,9 +324,10 @@ def main(argv=None):
         timer, times = Timer(), {}
         indices = step_indices(len(records), args.global_batch_size, step, steps_per_epoch, args.seed)
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
-        samples = rollout(llm, [records[i] for i in mine], [prompts[i] for i in mine], args, step, exit_ids, tokenizer)
-        if on_gpu():
-            llm.sleep(level=1)  # free the KV cache (and offload weights) while training
+        samples = rollout(llm, [records[i] for i in mine], [prompts[i] for i in mine], args, step, exit_ids, tokenizer,
+                          first_index=rank * per_rank)
+        if on_gpu():  # level 2 drops the weights too (no round trip to host memory): sync_weights reloads them all
+            llm.sleep(level=2)
         times["rollout"] = timer()
 
         rewards = grade_many([s.text for s in samples], [s.record.answer for s in samples],
@@ -338,10 +337,9 @@ def main(argv=None):
             s.reward, s.advantage = reward, advantage
         times["grading"] = timer() - times["rollout"]
 
-        entropy_sum = fill_logprobs(model, samples, "old_logprobs", args, tokenizer.pad_token_id, device,
-                                    with_entropy=True)
+        entropy_sum = fill_logprobs(model, samples, "old_logprobs", args, device, with_entropy=True)
         if reference is not None:
-            fill_logprobs(reference, samples, "ref_logprobs", args, tokenizer.pad_token_id, device)
+            fill_logprobs(reference, samples, "ref_logprobs", args, device)
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed + step)).tolist()
         mini_size = len(samples) // args.mini_batches
         sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "grad_norm": 0.0}
@@ -349,16 +347,14 @@ def main(argv=None):
             mini = [samples[i] for i in order[m * mini_size:(m + 1) * mini_size]]
             global_tokens = all_reduce_sum(sum(sum(s.loss_mask(args.mask_truncated)) for s in mini), device).item()
             mini_loss = 0.0
-            for start in range(0, len(mini), args.micro_batch_size):
-                chunk = mini[start:start + args.micro_batch_size]
-                logprobs, _ = token_logprobs(model, chunk, tokenizer.pad_token_id, args.temperature, device)
-                width = logprobs.shape[1] + 1
-                mask = aligned(chunk, [s.loss_mask(args.mask_truncated) for s in chunk], width, device)
-                old = aligned(chunk, [s.old_logprobs for s in chunk], width, device)
-                adv = torch.tensor([s.advantage for s in chunk], device=device)
+            for chunk in micro_batches_of(mini, args):
+                logprobs, _ = target_logprobs(model, collate(chunk), device, args.temperature)
+                mask = flat([s.loss_mask(args.mask_truncated) for s in chunk], device)
+                old = flat([s.old_logprobs for s in chunk], device)
+                adv = flat([[s.advantage] * len(s.response_ids) for s in chunk], device)
                 loss, stats = policy_loss(logprobs, old, adv, mask, args.clip_low, args.clip_high, global_tokens)
                 if reference is not None:
-                    ref = aligned(chunk, [s.ref_logprobs for s in chunk], width, device)
+                    ref = flat([s.ref_logprobs for s in chunk], device)
                     kl = (kl_penalty(logprobs, ref, args.kl_estimator) * mask).sum() / max(global_tokens, 1.0)
                     loss = loss + args.kl_coef * kl
                     sums["kl"] += kl.item()
@@ -404,7 +400,7 @@ def main(argv=None):
                "clip_high_frac": totals[11] / max(totals[7], 1), "entropy": totals[8] / max(totals[7], 1),
                "kl": totals[12] / args.mini_batches, "loss": sums["loss"] / args.mini_batches,
                "grad_norm": sums["grad_norm"] / args.mini_batches, "lr": scheduler.get_last_lr()[0],
-               "vllm_logprob_gap": totals[9] / max(totals[7], 1),
+               "vllm_logprob_gap": totals[9] / max(totals[7], 1), "peak_memory_gib": peak_memory_gib(device),
                **{f"seconds_{k}": v for k, v in times.items()}}
         if args.sync_check:
             row["sync_greedy_match"] = greedy_match(llm, model, prompts[mine[0]], device)
@@ -420,8 +416,7 @@ def main(argv=None):
     export_model(model, args.model, os.path.join(args.output_dir, "model"), args.trust_remote_code)
     if rank == 0:
         print(f"exported {os.path.join(args.output_dir, 'model')}")
-    del llm  # vLLM tears down its own groups; it must go before the default group does
-    gc.collect()
+    shutdown_llm(llm)  # vLLM tears down its own groups; it must go before the default group does
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -18,12 +18,12 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import add_data_arguments, assistant_target, load_records
+from packing import micro_batches, pack, target_logprobs
 from training import (MetricsLog, Timer, add_trainer_arguments, all_reduce_sum, count_params, export_model,
-                      init_distributed, latest_checkpoint, load_checkpoint, load_model, peak_flops, position_ids_for,
+                      init_distributed, latest_checkpoint, load_checkpoint, load_model, peak_flops, peak_memory_gib,
                       save_checkpoint, seed_everything, shard_model, step_indices, train_flops)
 
 IGNORE = -100
@@ -43,15 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=0.0,
                    help="gradient clipping norm; 0 = off (paper: not stated; the norm is logged either way)")
     p.add_argument("--global-batch-size", type=int, default=128, help="sequences per optimizer step (paper: 128)")
-    p.add_argument("--micro-batch-size", type=int, default=4,
-                   help="sequences per forward pass and rank (paper: 4); the rest is gradient accumulation")
+    p.add_argument("--max-tokens-per-micro-batch", type=int, default=16384,
+                   help="tokens per forward pass and rank (default 16,384: the paper's 4 sequences x 4,096); a "
+                        "micro-batch's sequences are packed into one row, attention kept inside each sequence")
     p.add_argument("--max-length", type=int, default=4096, help="tokens per sequence, prompt included (paper: 4096)")
     p.add_argument("--long-examples", choices=["truncate", "drop"], default="truncate",
                    help="over-length examples: cut at --max-length (default, as the paper) or drop them")
-    p.add_argument("--batching", choices=["packed", "padded"], default="packed",
-                   help="packed (default): a micro-batch's sequences binned into rows of up to --max-length "
-                        "tokens, attention kept inside each sequence (restarting position ids: flash-attention "
-                        "varlen on GPU, a block-diagonal mask with SDPA); padded: one padded row per sequence")
     p.add_argument("--no-cot", action="store_true",
                    help="train on the answer alone, <answer>...</answer> (the non-CoT ablation of Table 1)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip rows that fail to load (default: stop)")
@@ -88,42 +85,16 @@ def tokenize(records, tokenizer, args):
     return examples, skipped
 
 
-def collate(examples, batching: str, pad_id: int, row_length: int):
-    """A micro-batch as model inputs, and its number of padding tokens.
-
-    packed: examples binned first-fit (longest first) into rows of at most row_length tokens, with
-    position ids restarting at each example so attention stays inside it; rows padded to the longest.
-    padded: one right-padded row per example.
-    """
-    if batching == "packed":
-        rows: list[list] = []
-        for example in sorted(examples, key=lambda e: len(e[0]), reverse=True):
-            row = next((r for r in rows if sum(len(e) for e, _ in r) + len(example[0]) <= row_length), None)
-            rows.append([example]) if row is None else row.append(example)
-    else:
-        rows = [[example] for example in examples]
-    width = max(sum(len(e) for e, _ in row) for row in rows)
-    ids, labels, positions, mask = [], [], [], []
-    for row in rows:
-        used = sum(len(e) for e, _ in row)
-        ids.append([t for e, _ in row for t in e] + [pad_id] * (width - used))
-        labels.append([t for _, lab in row for t in lab] + [IGNORE] * (width - used))
-        # padding gets its own restarting positions: a separate "sequence" that no real token attends to
-        positions.append([p for e, _ in row for p in range(len(e))] + list(range(width - used)))
-        mask.append([1] * used + [0] * (width - used))
-    batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "positions": torch.tensor(positions),
-             # packed rows carry no attention mask: the model derives the per-example mask from position ids
-             "attention_mask": None if batching == "packed" else torch.tensor(mask)}
-    return batch, sum(m.count(0) for m in mask)
+def collate(examples):
+    """A micro-batch packed into one row; the targets are the labelled (assistant) positions."""
+    return pack([ids for ids, _ in examples],
+                [[(t, label) for t, label in enumerate(labels) if label != IGNORE] for _, labels in examples])
 
 
 def summed_token_loss(model, batch: dict, device) -> torch.Tensor:
     """Cross-entropy summed over the micro-batch's target tokens."""
-    mask = batch["attention_mask"]
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device),
-                   position_ids=position_ids_for(model, batch["positions"].to(device))).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].to(device).flatten(),
-                           ignore_index=IGNORE, reduction="sum")
+    logprobs, _ = target_logprobs(model, batch, device)
+    return -logprobs.sum()
 
 
 def lr_multiplier(step: int, steps_per_epoch: int, warmup_steps: int, decay: float) -> float:
@@ -137,9 +108,9 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed()
     seed_everything(args.seed)
-    if args.global_batch_size % (world * args.micro_batch_size):
-        raise SystemExit(f"error: --global-batch-size {args.global_batch_size} must be a multiple of "
-                         f"world size {world} x --micro-batch-size {args.micro_batch_size}")
+    if args.global_batch_size % world:
+        raise SystemExit(f"error: --global-batch-size {args.global_batch_size} must be a multiple of the world size "
+                         f"{world}")
 
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -194,12 +165,9 @@ def main(argv=None):
         mine = [examples[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
         local_targets = sum(sum(1 for t in lab if t != IGNORE) for _, lab in mine)
         global_targets = all_reduce_sum(local_targets, device).item()
-        loss_sum, padding, computed = 0.0, 0, 0
-        for start in range(0, len(mine), args.micro_batch_size):
-            batch, pads = collate(mine[start:start + args.micro_batch_size], args.batching, tokenizer.pad_token_id,
-                                  args.max_length)
-            padding, computed = padding + pads, computed + batch["input_ids"].numel()
-            token_loss = summed_token_loss(model, batch, device)
+        loss_sum = 0.0
+        for group in micro_batches([len(ids) for ids, _ in mine], args.max_tokens_per_micro_batch):
+            token_loss = summed_token_loss(model, collate([mine[i] for i in group]), device)
             # FSDP averages gradients over ranks: scale by world / global count to get the global token mean.
             (token_loss * world / max(global_targets, 1.0)).backward()
             loss_sum += token_loss.item()
@@ -216,14 +184,14 @@ def main(argv=None):
         scheduler.step()
 
         lengths = [len(e) for e, _ in mine]
-        totals = all_reduce_sum(torch.tensor([sum(lengths), padding, computed, sum(s * s for s in lengths)],
-                                             dtype=torch.float64), device).tolist()
+        totals = all_reduce_sum(torch.tensor([sum(lengths), sum(s * s for s in lengths)], dtype=torch.float64),
+                                device).tolist()
         seconds = timer()
         row = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-               "target_tokens": int(global_targets), "tokens_per_s": totals[0] / seconds,
-               "padding_fraction": totals[1] / totals[2], "seconds": seconds}
+               "target_tokens": int(global_targets), "tokens_per_s": totals[0] / seconds, "seconds": seconds,
+               "peak_memory_gib": peak_memory_gib(device)}
         if peak:
-            flops = train_flops(n_params, text_config.num_hidden_layers, text_config.hidden_size, totals[0], totals[3])
+            flops = train_flops(n_params, text_config.num_hidden_layers, text_config.hidden_size, totals[0], totals[1])
             row["mfu"] = flops / (seconds * world * peak)
         metrics.log(row)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")

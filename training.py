@@ -4,6 +4,7 @@ to bottom and call these where the recipe needs them.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -15,12 +16,17 @@ import torch
 import torch.distributed as dist
 
 CHECKPOINT_DIR = "checkpoints"
+# Ranks wait at collectives while others finish a rollout batch (up to 4,096 tokens x 8 x 16 prompts each
+# on the paper's settings) or save a checkpoint: far past NCCL's default 10 minutes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
 def add_trainer_arguments(parser) -> None:
     """The flags sft.py and grpo.py share word for word: model options, checkpoints kept, resume, logging."""
     parser.add_argument("--train-vision", action="store_true", help="also train a VLM's vision tower (default: frozen)")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
+                        help="keep every layer's activations instead of recomputing them in backward (default: "
+                             "recompute; a 7B model keeps ~7 MiB per token without it)")
     parser.add_argument("--attn-implementation", help="default: flash_attention_2 if installed on GPU, else sdpa")
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default 2)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
@@ -38,10 +44,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -86,11 +92,13 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
-def load_model(path: str, *, train_vision: bool = False, activation_checkpointing: bool = False,
+def load_model(path: str, *, train_vision: bool = False, activation_checkpointing: bool = True,
                attn_implementation: str | None = None, trust_remote_code: bool = False):
     """The policy in fp32 master weights (FSDP casts to bf16 for compute on GPU); a VLM's vision tower
-    (and merger) frozen unless train_vision."""
+    (and merger) frozen unless train_vision. `model(..., targets=...)` gives target log-probabilities
+    without full logits (packing.install_target_logprobs)."""
     from engine import load_hf_model
+    from packing import install_target_logprobs
 
     model = load_hf_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
                           attn_implementation=attn_implementation or default_attn_implementation())
@@ -100,7 +108,14 @@ def load_model(path: str, *, train_vision: bool = False, activation_checkpointin
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    install_target_logprobs(model)
     return model
+
+
+def vision_tower(model):
+    """A VLM's vision tower (Qwen2.5-VL: model.model.visual), or None for a text model."""
+    inner = getattr(model, "model", None)
+    return getattr(inner, "visual", None) or getattr(model, "visual", None)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -128,18 +143,12 @@ def shard_model(model, device, train_vision: bool = False):
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     if vision and train_vision:
-        visual = model.model.visual if hasattr(model.model, "visual") else model.visual
-        fully_shard(visual, mp_policy=mp)
+        fully_shard(vision_tower(model), mp_policy=mp)
         vision = set()
+    elif vision and device.type == "cuda":  # frozen and replicated on every rank: bf16, as FSDP computes
+        vision_tower(model).to(torch.bfloat16)
     fully_shard(model, mp_policy=mp, ignored_params=vision or None)
     return model
-
-
-def position_ids_for(model, positions: torch.Tensor) -> torch.Tensor:
-    """Qwen2.5-VL takes [4, B, T] (text positions, then the three mrope axes) for packed text."""
-    if hasattr(model.config, "vision_config"):
-        return positions.unsqueeze(0).expand(4, *positions.shape)
-    return positions
 
 
 def count_params(model, trainable_only: bool = True) -> int:
@@ -225,19 +234,25 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_model(model, source: str, out_dir: str, trust_remote_code: bool = False) -> None:
+def export_model(model, source: str, out_dir: str, trust_remote_code: bool = False, dtype=None) -> None:
     """save_pretrained (safetensors) with tokenizer and image-processor files, so transformers and
-    vLLM load it as is. bf16 on GPU (the base model's dtype), fp32 on CPU. Collective: call on all ranks."""
+    vLLM load it as is. dtype: bf16 on GPU (the base model's), fp32 on CPU by default; the config says
+    the dtype the weights are saved in. Collective: call on all ranks."""
     state = full_state_dict(model)
     if dist.get_rank() == 0:
         from transformers import AutoTokenizer
 
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         state = {k: v.to(dtype) for k, v in state.items()}
         tmp = out_dir.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.config.use_cache = True
         model.save_pretrained(tmp, state_dict=state)
+        # save_pretrained writes the dtype of the model's parameters (the fp32 masters), not of the state dict
+        for config in (model.config, *(getattr(model.config, n, None) for n in ("text_config", "vision_config"))):
+            if config is not None:
+                config.dtype = dtype
+        model.config.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         if os.path.exists(os.path.join(source, "preprocessor_config.json")) or hasattr(model.config, "vision_config"):
             from transformers import AutoImageProcessor
@@ -278,6 +293,14 @@ class MetricsLog:
             fh.write(json.dumps(metrics) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=metrics["step"])
+
+
+def peak_memory_gib(device) -> float:
+    """Peak memory of this process so far: CUDA max allocated on GPU, resident set size (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
 class Timer:

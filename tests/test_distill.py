@@ -84,7 +84,7 @@ def test_sft_trains_on_the_output_directly(digit_model, tmp_path):
                   "--temperature", "1.0", "--max-tokens", "32", "--max-model-len", "512"])
     assert len(rows_of(out)) >= 2
     run_script("sft.py", "--model", digit_model, "--data", out, "--output-dir", tmp_path / "sft",
-               "--global-batch-size", 2, "--micro-batch-size", 1, "--max-steps", 1, "--save-every", 0)
+               "--global-batch-size", 2, "--max-steps", 1, "--save-every", 0)
     assert os.path.exists(tmp_path / "sft" / "model" / "model.safetensors")
 
 

@@ -6,7 +6,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from forced_exit import ExitTracker, ForcedExitHFProcessor, count_forced, exit_token_ids, forced_token
-from tests.conftest import vllm_engine
 
 E1 = [9]  # a one-token exit text
 E3 = [7, 8, 9]  # a three-token exit text
@@ -63,24 +62,24 @@ def _tokenizer(model):
     return AutoTokenizer.from_pretrained(model)
 
 
-def test_vllm_processor_forces_at_the_budget_with_moves_and_replacements(qwen2_any):
+def test_vllm_processor_forces_at_the_budget_with_moves_and_replacements(qwen2_any, vllm_engine):
     """More requests than max_num_seqs, mixed with and without budgets, both tokenizer variants."""
     from vllm import SamplingParams
 
     tok = _tokenizer(qwen2_any)
     exit_ids = exit_token_ids(tok)
-    llm = vllm_engine(qwen2_any, max_num_seqs=4, exit_ids=exit_ids)
-    plain = vllm_engine(qwen2_any, with_processor=False, max_num_seqs=4)
     prompts = [{"prompt_token_ids": tok.encode(f"question {i} " + "x" * (i % 5), add_special_tokens=False)}
                for i in range(14)]
     budgets = [None if i % 3 == 0 else 2 + 3 * i for i in range(14)]
     lengths = [30 + 2 * i for i in range(14)]  # different lengths so requests finish and are replaced mid-batch
+    plain = vllm_engine(qwen2_any, with_processor=False, max_num_seqs=4)
+    reference = [list(o.outputs[0].token_ids) for o in plain.generate(
+        prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths], use_tqdm=False)]
+    llm = vllm_engine(qwen2_any, max_num_seqs=4, exit_ids=exit_ids)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
                              extra_args={} if b is None else {"think_budget": b, "think_exit_ids": exit_ids})
               for b, n in zip(budgets, lengths)]
     outs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
-    reference = [list(o.outputs[0].token_ids) for o in plain.generate(
-        prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths], use_tqdm=False)]
     k = len(exit_ids)
     for out, ref, budget in zip(outs, reference, budgets):
         if budget is None:
@@ -92,7 +91,7 @@ def test_vllm_processor_forces_at_the_budget_with_moves_and_replacements(qwen2_a
         assert out[:budget] == ref[:budget]  # nothing changes before the budget
 
 
-def test_vllm_processor_leaves_requests_closed_before_the_budget_alone(qwen2_single):
+def test_vllm_processor_leaves_requests_closed_before_the_budget_alone(qwen2_single, vllm_engine):
     from vllm import SamplingParams
 
     tok = _tokenizer(qwen2_single)
@@ -107,7 +106,7 @@ def test_vllm_processor_leaves_requests_closed_before_the_budget_alone(qwen2_sin
     assert list(llm.generate(prompt, closed, use_tqdm=False)[0].outputs[0].token_ids) == ref
 
 
-def test_hf_twin_gives_the_same_greedy_tokens_as_vllm(qwen2_any):
+def test_hf_twin_gives_the_same_greedy_tokens_as_vllm(qwen2_any, vllm_engine):
     from vllm import SamplingParams
 
     tok = _tokenizer(qwen2_any)
@@ -126,7 +125,7 @@ def test_hf_twin_gives_the_same_greedy_tokens_as_vllm(qwen2_any):
         assert out[budget:budget + len(exit_ids)] == exit_ids
 
 
-def test_engine_refuses_to_start_when_the_processor_is_not_applied(qwen2_single, monkeypatch):
+def test_engine_refuses_to_start_when_the_processor_is_not_applied(qwen2_single, monkeypatch, vllm_engine):
     import engine
     import forced_exit
 
@@ -136,7 +135,7 @@ def test_engine_refuses_to_start_when_the_processor_is_not_applied(qwen2_single,
         engine.check_forced_exit(llm, exit_token_ids(_tokenizer(qwen2_single)))
 
 
-def test_seeded_sampling_on_a_batch_larger_than_one_prefill_budget(qwen2_single):
+def test_seeded_sampling_on_a_batch_larger_than_one_prefill_budget(qwen2_single, vllm_engine):
     """vLLM-CPU crashed on seeded requests whose prefill was split across steps; make_llm prevents that."""
     from vllm import SamplingParams
 

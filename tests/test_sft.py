@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import sft
 from data.records import Record
-from tests.conftest import run_script, vllm_engine
+from tests.conftest import run_script
 
 
 def write_data(path, n, seed=0, long_prompt=False):
@@ -42,28 +42,26 @@ def weights(out):
 def test_loss_is_the_same_however_the_batch_is_split(qwen2_single, tmp_path):
     data = write_data(tmp_path / "d.jsonl", 16)
     common = ["--global-batch-size", "4", "--max-steps", "4"]
-    run_sft(qwen2_single, data, tmp_path / "one", *common, "--micro-batch-size", "4")
-    run_sft(qwen2_single, data, tmp_path / "accum", *common, "--micro-batch-size", "2")
-    run_sft(qwen2_single, data, tmp_path / "ranks", *common, "--micro-batch-size", "1", nproc=2)
-    run_sft(qwen2_single, data, tmp_path / "padded", *common, "--micro-batch-size", "2", "--batching", "padded")
-    run_sft(qwen2_single, data, tmp_path / "recompute", *common, "--micro-batch-size", "4",
-            "--activation-checkpointing")
+    fast = ["--no-activation-checkpointing"]
+    run_sft(qwen2_single, data, tmp_path / "one", *common, *fast, "--max-tokens-per-micro-batch", "4096")
+    run_sft(qwen2_single, data, tmp_path / "accum", *common, *fast, "--max-tokens-per-micro-batch", "200")
+    run_sft(qwen2_single, data, tmp_path / "ranks", *common, *fast, "--max-tokens-per-micro-batch", "1", nproc=2)
+    run_sft(qwen2_single, data, tmp_path / "recompute", *common, "--max-tokens-per-micro-batch", "4096")
     reference = losses(tmp_path / "one")
     assert len(reference) == 4 and reference[0] > reference[-1]  # it learns
-    for run in ("accum", "ranks", "padded", "recompute"):
+    for run in ("accum", "ranks", "recompute"):
         assert losses(tmp_path / run) == pytest.approx(reference, abs=1e-5), run
-    with open(tmp_path / "padded" / "metrics.jsonl") as fh:
-        assert any(json.loads(line)["padding_fraction"] > 0 for line in fh)
     with open(tmp_path / "one" / "metrics.jsonl") as fh:
         row = json.loads(fh.readline())
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "padding_fraction"} <= set(row)
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib"} <= set(row)
+    assert row["peak_memory_gib"] > 0.1
 
 
 @pytest.mark.parametrize("n_examples", [16, 12], ids=["mid-epoch", "epoch-boundary"])
 def test_resume_gives_identical_parameters(qwen2_single, tmp_path, n_examples):
     # 4 per step: 16 examples = 4 steps per epoch (stop mid-epoch), 12 = 3 (stop exactly at the boundary).
     data = write_data(tmp_path / "d.jsonl", n_examples)
-    common = ["--global-batch-size", "4", "--micro-batch-size", "2", "--epochs", "2", "--lr", "1e-3"]
+    common = ["--global-batch-size", "4", "--max-tokens-per-micro-batch", "300", "--epochs", "2", "--lr", "1e-3"]
     run_sft(qwen2_single, data, tmp_path / "full", *common, "--max-steps", "6")
     run_sft(qwen2_single, data, tmp_path / "split", *common, "--max-steps", "3")
     resumed = run_sft(qwen2_single, data, tmp_path / "split", *common, "--max-steps", "6", "--resume")
@@ -81,8 +79,8 @@ def test_resume_gives_identical_parameters(qwen2_single, tmp_path, n_examples):
 
 def test_a_batch_with_no_target_tokens_gives_no_nan(qwen2_single, tmp_path):
     data = write_data(tmp_path / "d.jsonl", 4, long_prompt=True)  # prompts longer than --max-length
-    result = run_sft(qwen2_single, data, tmp_path / "o", "--global-batch-size", "4", "--micro-batch-size", "2",
-                     "--max-steps", "1")
+    result = run_sft(qwen2_single, data, tmp_path / "o", "--global-batch-size", "4", "--max-steps", "1",
+                     "--max-tokens-per-micro-batch", "300", nproc=2)  # neither rank has a target: no hang, no NaN
     assert "4 truncated" in result.stdout
     with open(tmp_path / "o" / "metrics.jsonl") as fh:
         row = json.loads(fh.readline())
@@ -93,63 +91,64 @@ def test_a_batch_with_no_target_tokens_gives_no_nan(qwen2_single, tmp_path):
 def test_loss_depends_on_assistant_targets_only(qwen2_single):
     from transformers import AutoTokenizer
 
-    from training import load_model
     tok = AutoTokenizer.from_pretrained(qwen2_single)
-    model = load_model(qwen2_single)
     record = Record(id="a", messages=[{"role": "user", "content": "What is 2+2?"}], answer="4",
                     target_think="two and two", target_answer="4")
     args = sft.parse_args(["--model", "m", "--data", "d", "--output-dir", "o"])
     (example,), _ = sft.tokenize([record], tok, args)
     ids, labels = example
-    first_target = next(t for t, lab in enumerate(labels) if lab != sft.IGNORE)
-    assert all(lab == sft.IGNORE for lab in labels[:first_target])
-    batch, _ = sft.collate([example], "packed", tok.pad_token_id, 4096)
-    base = sft.summed_token_loss(model, batch, "cpu").item()
-
-    def loss_with_logit_change_at(position):
-        def hook(module, inputs, output):
-            output = output.clone()
-            output[0, position] += torch.randn_like(output[0, position]) * 5
-            return output
-        handle = model.lm_head.register_forward_hook(hook)
-        try:
-            return sft.summed_token_loss(model, batch, "cpu").item()
-        finally:
-            handle.remove()
-    # The prediction made at a prompt position is the target of a prompt token: it must not count.
-    assert loss_with_logit_change_at(first_target - 3) == pytest.approx(base, abs=1e-6)
-    assert abs(loss_with_logit_change_at(first_target + 2) - base) > 1e-3
+    prompt = tok.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tok.encode(prompt, add_special_tokens=False))
+    batch = sft.collate([example])
+    # the prediction made at position t is of token t + 1: the targets are the assistant tokens, each once
+    assert batch["target_index"].tolist() == list(range(n_prompt - 1, len(ids) - 1))
+    assert batch["target_ids"].tolist() == ids[n_prompt:]
 
 
-def test_packed_and_unpacked_micro_batches_give_the_same_loss(qwen2_single, tmp_path):
+def _packed_inputs(model):
+    """Capture what the decoder receives."""
+    seen = []
+    handle = model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    return seen, handle
+
+
+def test_a_micro_batch_is_one_packed_row_and_its_loss_is_the_per_example_loss(qwen2_single, tmp_path):
     from transformers import AutoTokenizer
 
     from training import load_model
     tok = AutoTokenizer.from_pretrained(qwen2_single)
-    model = load_model(qwen2_single)
+    model = load_model(qwen2_single, activation_checkpointing=False)
     records = [Record.from_json(json.loads(line)) for line in open(write_data(tmp_path / "d.jsonl", 5))]
     args = sft.parse_args(["--model", "m", "--data", "d", "--output-dir", "o"])
     examples, _ = sft.tokenize(records, tok, args)
-    assert len({len(e) for e, _ in examples}) > 1
-    one_row = sft.collate(examples, "packed", tok.pad_token_id, 4096)[0]
-    several_rows, pads = sft.collate(examples, "packed", tok.pad_token_id, max(len(e) for e, _ in examples))
-    assert one_row["input_ids"].shape[0] == 1 and several_rows["input_ids"].shape[0] > 1 and pads > 0
-    packed = sft.summed_token_loss(model, one_row, "cpu").item()
-    binned = sft.summed_token_loss(model, several_rows, "cpu").item()
-    padded = sft.summed_token_loss(model, sft.collate(examples, "padded", tok.pad_token_id, 4096)[0], "cpu").item()
-    single = sum(sft.summed_token_loss(model, sft.collate([e], "padded", tok.pad_token_id, 4096)[0], "cpu").item()
-                 for e in examples)
-    assert packed == pytest.approx(single, abs=1e-5 * abs(single))
-    assert binned == pytest.approx(single, abs=1e-5 * abs(single))
-    assert padded == pytest.approx(single, abs=1e-5 * abs(single))
+    lengths = [len(e) for e, _ in examples]
+    assert len(set(lengths)) > 1
+    seen, handle = _packed_inputs(model)
+    packed = sft.summed_token_loss(model, sft.collate(examples), "cpu")
+    handle.remove()
+    (inputs,) = seen
+    # exactly the layout flash-attention 2 reads as packed sequences: one row, restarting positions, no mask
+    assert inputs["input_ids"].shape == (1, sum(lengths)) and inputs.get("attention_mask") is None
+    assert inputs["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    single = sum(sft.summed_token_loss(model, sft.collate([e]), "cpu") for e in examples)
+    assert packed.item() == pytest.approx(single.item(), rel=1e-5)
+    # and the gradients, too
+    packed.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    single = sum(sft.summed_token_loss(model, sft.collate([e]), "cpu") for e in examples)
+    single.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[n], p.grad, atol=1e-5, rtol=1e-4), n
 
 
-def test_exported_model_loads_in_transformers_and_vllm(qwen2_single, tmp_path):
+def test_exported_model_loads_in_transformers_and_vllm(qwen2_single, tmp_path, vllm_engine):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import SamplingParams
 
     data = write_data(tmp_path / "d.jsonl", 8)
-    run_sft(qwen2_single, data, tmp_path / "o", "--global-batch-size", "4", "--micro-batch-size", "4",
+    run_sft(qwen2_single, data, tmp_path / "o", "--global-batch-size", "4",
             "--max-steps", "2", "--lr", "1e-3")
     exported = str(tmp_path / "o" / "model")
     model = AutoModelForCausalLM.from_pretrained(exported)
@@ -167,7 +166,7 @@ def test_exported_model_loads_in_transformers_and_vllm(qwen2_single, tmp_path):
 
 def test_vlm_trains_on_text_with_the_vision_tower_frozen(qwen2_5_vl, tmp_path):
     data = write_data(tmp_path / "d.jsonl", 8)
-    run_sft(qwen2_5_vl, data, tmp_path / "o", "--global-batch-size", "4", "--micro-batch-size", "1",
+    run_sft(qwen2_5_vl, data, tmp_path / "o", "--global-batch-size", "4", "--max-tokens-per-micro-batch", "1",
             "--max-steps", "2", "--lr", "1e-3", nproc=2)
     before = load_file(os.path.join(qwen2_5_vl, "model.safetensors"))
     after = weights(tmp_path / "o")
@@ -181,8 +180,38 @@ def test_vlm_trains_on_text_with_the_vision_tower_frozen(qwen2_5_vl, tmp_path):
 def test_non_finite_loss_stops_without_a_checkpoint(qwen2_single, tmp_path):
     data = write_data(tmp_path / "d.jsonl", 8)
     result = run_script("sft.py", "--model", qwen2_single, "--data", data, "--output-dir", tmp_path / "o",
-                        "--global-batch-size", 4, "--micro-batch-size", 4, "--max-steps", 3, "--lr", 1e30,
+                        "--global-batch-size", 4, "--max-steps", 3, "--lr", 1e30,
                         "--max-length", 256, check=False)
     assert result.returncode != 0
     assert "the loss is nan" in result.stderr or "the loss is inf" in result.stderr
     assert not os.path.exists(tmp_path / "o" / "checkpoints") or not os.listdir(tmp_path / "o" / "checkpoints")
+
+
+EXPORT_IN_BF16 = """
+import json, sys, torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from training import COLLECTIVE_TIMEOUT, export_model, init_distributed, load_model, shard_model
+rank, world, device = init_distributed()
+assert dist.group.WORLD._get_backend(device).options._timeout == COLLECTIVE_TIMEOUT
+model = shard_model(load_model(sys.argv[1]), device)
+export_model(model, sys.argv[1], sys.argv[2], dtype=torch.bfloat16)
+config = json.load(open(sys.argv[2] + "/config.json"))
+weights = load_file(sys.argv[2] + "/model.safetensors")
+print(config["dtype"], {str(v.dtype) for v in weights.values()})
+dist.destroy_process_group()
+"""
+
+
+def test_the_exported_config_states_the_dtype_of_the_weights(qwen2_single, tmp_path):
+    """On GPU the export is bf16; the config must say so (it said float32, the dtype of the fp32 masters)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    result = subprocess.run([sys.executable, "-c", EXPORT_IN_BF16, qwen2_single, str(tmp_path / "bf16")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "bfloat16 {'torch.bfloat16'}"
+    with open(os.path.join(qwen2_single, "config.json")) as fh:
+        assert json.load(fh)["dtype"] == "float32"  # the source said float32: the export changed it

