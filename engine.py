@@ -122,7 +122,7 @@ def budget_args(budget: int | None, exit_ids: list[int], close_ids: list[int] | 
     return args
 
 
-# --- the transformers backend (CPU image evaluation, and a reference for vLLM) ---------------------
+# --- the transformers backend (a reference for vLLM) ---------------------------------------------------
 
 def images_of(conversation) -> list:
     return [part["image"] for message in conversation if isinstance(message["content"], list)

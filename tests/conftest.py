@@ -111,18 +111,26 @@ def run_script(script, *args, nproc=1, check=True):
     return result
 
 
-@pytest.fixture(scope="session")
-def digit_model(qwen2_single, tmp_path_factory):
-    """The tiny model after a short SFT on the answer format with uniformly random digits."""
-    work = tmp_path_factory.mktemp("digits")
+def _digit_sft(base: str, work) -> str:
+    """The base model after a short SFT on the answer format with uniformly random digits."""
     rng = random.Random(0)
     rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"Say a digit, please ({i})."}],
              "answer": None, "target_think": "I will pick one.", "target_answer": str(rng.randint(0, 9))}
             for i in range(64)]
     (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_script("sft.py", "--model", qwen2_single, "--data", work / "sft.jsonl", "--output-dir", work / "sft",
+    run_script("sft.py", "--model", base, "--data", work / "sft.jsonl", "--output-dir", work / "sft",
         "--global-batch-size", 16, "--no-activation-checkpointing", "--epochs", 30, "--lr", 3e-3, "--lr-decay", 1.0,
         "--save-every", 0)
     return str(work / "sft" / "model")
 
 
+@pytest.fixture(scope="session")
+def digit_model(qwen2_single, tmp_path_factory):
+    """The tiny Qwen2 that answers <think>...</think><answer>d</answer> with a random digit d."""
+    return _digit_sft(qwen2_single, tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def digit_vlm(qwen2_5_vl, tmp_path_factory):
+    """The same, from the tiny Qwen2.5-VL (trained on text; its vision tower frozen)."""
+    return _digit_sft(qwen2_5_vl, tmp_path_factory.mktemp("digits-vlm"))

