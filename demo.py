@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -73,6 +74,11 @@ def main(argv=None):
     cfg = QUICK if args.quick else FULL
     out = os.path.abspath(args.output_dir)
     data_dir = os.path.join(out, "data")
+    for name in ("data", "init", "sft", "grpo", "eval"):  # a rerun starts from scratch, not from the last run's state
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    for name in ("distilled.jsonl", "distilled.jsonl.progress", "distilled.jsonl.summary.json"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     os.makedirs(data_dir, exist_ok=True)
     start = time.time()
 

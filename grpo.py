@@ -23,7 +23,7 @@ import torch.distributed as dist
 from data import add_data_arguments, load_records
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 from packing import micro_batches, pack, target_logprobs
-from training import add_trainer_arguments
+from training import add_trainer_arguments, as_many_on_every_rank, exit_without_teardown
 
 
 # --- the objective (pure functions) -------------------------------------------------------------------
@@ -192,12 +192,14 @@ def per_sample(samples: list[Sample], values: torch.Tensor) -> list[torch.Tensor
 
 def flat(values: list, device) -> torch.Tensor:
     """Per-sample lists of per-response-token values, concatenated in sample order (as collate's targets)."""
-    return torch.cat([torch.as_tensor(v, dtype=torch.float32) for v in values]).to(device)
+    return torch.cat([torch.as_tensor(v, dtype=torch.float32) for v in values] or [torch.zeros(0)]).to(device)
 
 
-def micro_batches_of(samples: list[Sample], args) -> list[list[Sample]]:
+def micro_batches_of(samples: list[Sample], args, device) -> list[list[Sample]]:
+    """Samples cut by the token budget, in as many micro-batches as on every other rank (some may be empty)."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    return [[samples[i] for i in group] for group in micro_batches(lengths, args.max_tokens_per_micro_batch)]
+    groups = as_many_on_every_rank(micro_batches(lengths, args.max_tokens_per_micro_batch), device)
+    return [[samples[i] for i in group] for group in groups]
 
 
 @torch.no_grad()
@@ -205,7 +207,7 @@ def fill_logprobs(model, samples, attr, args, device, with_entropy=False) -> flo
     """Store each sample's response log-probs under `attr`; with_entropy, return the summed entropy of
     the tokens that enter the loss."""
     entropy_sum = 0.0
-    for chunk in micro_batches_of(samples, args):
+    for chunk in micro_batches_of(samples, args, device):
         logprobs, entropy = target_logprobs(model, collate(chunk), device, args.temperature, with_entropy)
         for s, values in zip(chunk, per_sample(chunk, logprobs)):
             setattr(s, attr, values)
@@ -255,10 +257,12 @@ def main(argv=None):
     from data.records import DataError
     from engine import images_of, make_llm, on_gpu, shutdown_llm
     from training import (MetricsLog, Timer, all_reduce_max, all_reduce_sum, export_model, init_distributed,
-                          latest_checkpoint, load_checkpoint, load_model, peak_memory_gib, save_checkpoint,
-                          seed_everything, shard_model, step_indices, vision_tower)
+                          latest_checkpoint, load_checkpoint, load_model, peak_memory_gib, refuse_stale_checkpoints,
+                          save_checkpoint, seed_everything, shard_model, step_indices, vision_tower)
 
     rank, world, device = init_distributed()
+    if not args.resume:
+        refuse_stale_checkpoints(args.output_dir)
     start_grading_workers(args.grading_workers, args.grading_timeout)  # they import math-verify while we load
     seed_everything(args.seed)
     if args.global_batch_size % world:
@@ -356,7 +360,7 @@ def main(argv=None):
             mini = [samples[i] for i in order[m * mini_size:(m + 1) * mini_size]]
             global_tokens = all_reduce_sum(sum(sum(s.loss_mask(args.mask_truncated)) for s in mini), device).item()
             mini_loss = 0.0
-            for chunk in micro_batches_of(mini, args):
+            for chunk in micro_batches_of(mini, args, device):
                 logprobs, _ = target_logprobs(model, collate(chunk), device, args.temperature)
                 mask = flat([s.loss_mask(args.mask_truncated) for s in chunk], device)
                 old = flat([s.old_logprobs for s in chunk], device)
@@ -426,9 +430,11 @@ def main(argv=None):
     if rank == 0:
         print(f"exported {os.path.join(args.output_dir, 'model')}")
     shutdown_llm(llm)  # vLLM tears down its own groups; it must go before the default group does
+    metrics.close()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown()

@@ -36,7 +36,10 @@ def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 def pack(sequences: list[list[int]], targets: list[list[tuple[int, int]]]) -> dict:
     """One row of the sequences. targets[i] holds (position in sequence i, target token) pairs: the
     token predicted from that position. Returns input_ids and positions [1, N], and the targets'
-    positions in the row and their token ids, in sequence order."""
+    positions in the row and their token ids, in sequence order. No sequences: one token and no target
+    (an empty micro-batch, that a rank runs to join the others' collectives)."""
+    if not sequences:
+        sequences, targets = [[0]], [[]]
     ids, positions, index, target_ids, offset = [], [], [], [], 0
     for sequence, pairs in zip(sequences, targets):
         ids += sequence

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from data import add_data_arguments, assistant_target, load_records
 from packing import micro_batches, pack, target_logprobs
-from training import (MetricsLog, Timer, add_trainer_arguments, all_reduce_sum, count_params, export_model,
-                      init_distributed, latest_checkpoint, load_checkpoint, load_model, peak_flops, peak_memory_gib,
-                      save_checkpoint, seed_everything, shard_model, step_indices, train_flops)
+from training import (MetricsLog, Timer, add_trainer_arguments, all_reduce_sum, as_many_on_every_rank, count_params,
+                      exit_without_teardown, export_model, init_distributed, latest_checkpoint, load_checkpoint,
+                      load_model, peak_flops, peak_memory_gib, refuse_stale_checkpoints, save_checkpoint,
+                      seed_everything, shard_model, step_indices, train_flops)
 
 IGNORE = -100
 
@@ -107,6 +108,8 @@ def lr_multiplier(step: int, steps_per_epoch: int, warmup_steps: int, decay: flo
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed()
+    if not args.resume:
+        refuse_stale_checkpoints(args.output_dir)
     seed_everything(args.seed)
     if args.global_batch_size % world:
         raise SystemExit(f"error: --global-batch-size {args.global_batch_size} must be a multiple of the world size "
@@ -166,7 +169,8 @@ def main(argv=None):
         local_targets = sum(sum(1 for t in lab if t != IGNORE) for _, lab in mine)
         global_targets = all_reduce_sum(local_targets, device).item()
         loss_sum = 0.0
-        for group in micro_batches([len(ids) for ids, _ in mine], args.max_tokens_per_micro_batch):
+        groups = micro_batches([len(ids) for ids, _ in mine], args.max_tokens_per_micro_batch)
+        for group in as_many_on_every_rank(groups, device):
             token_loss = summed_token_loss(model, collate([mine[i] for i in group]), device)
             # FSDP averages gradients over ranks: scale by world / global count to get the global token mean.
             (token_loss * world / max(global_targets, 1.0)).backward()
@@ -205,8 +209,10 @@ def main(argv=None):
     export_model(model, args.model, os.path.join(args.output_dir, "model"), args.trust_remote_code)
     if rank == 0:
         print(f"exported {os.path.join(args.output_dir, 'model')}")
+    metrics.close()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown()

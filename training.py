@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -61,6 +62,15 @@ def all_reduce_max(value: float, device) -> float:
     tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.item()
+
+
+def as_many_on_every_rank(micro_batches: list[list], device) -> list[list]:
+    """FSDP runs collectives in every forward and backward, so every rank must run as many micro-batches;
+    token budgets cut ranks' shares into different numbers. A rank with fewer runs empty ones."""
+    if not dist.is_initialized():  # one process, no group (a library call): nothing to match
+        return micro_batches
+    count = int(all_reduce_max(len(micro_batches), device))
+    return micro_batches + [[] for _ in range(count - len(micro_batches))]
 
 
 def seed_everything(seed: int) -> None:
@@ -202,6 +212,13 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state:
     return final
 
 
+def refuse_stale_checkpoints(output_dir: str) -> None:
+    """A fresh run must not write beside an earlier run's checkpoints: --resume would later pick theirs."""
+    if latest_checkpoint(output_dir):
+        raise SystemExit(f"error: {os.path.join(output_dir, CHECKPOINT_DIR)} holds an earlier run's checkpoints; "
+                         "pass --resume to continue that run, or choose another --output-dir")
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     root = os.path.join(output_dir, CHECKPOINT_DIR)
     if not os.path.isdir(root):
@@ -293,6 +310,20 @@ class MetricsLog:
             fh.write(json.dumps(metrics) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=metrics["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def exit_without_teardown() -> None:
+    """End a training process whose work is saved. torch's DTensor caches keep the process group alive past
+    destroy_process_group, and its gloo/NCCL threads are then destroyed at an arbitrary moment of
+    interpreter exit, which now and then aborts a finished run ("terminate called without an active
+    exception", exit -6). Files are closed by now; streams are flushed here, then os._exit skips that teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def peak_memory_gib(device) -> float:

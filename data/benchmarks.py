@@ -22,7 +22,7 @@ import io
 import os
 import re
 
-from data.loaders import LETTERS, convert_rows, read_rows
+from data.loaders import LETTERS, convert_each, convert_rows, read_rows
 from data.prompts import user_messages
 from data.records import DataError, Record
 
@@ -201,17 +201,4 @@ def load_benchmark(name: str, path: str | None = None, limit: int | None = None,
     if not callable(converter):
         return convert_rows(rows, converter, origin, style="eval", bad_rows=bad_rows)
     base_dir = image_root or base_dir
-    records = []
-    for index, row in enumerate(rows):
-        try:
-            try:
-                records.append(converter(row, base_dir))
-            except KeyError as exc:
-                raise DataError(f"{origin}: row {index}: missing field {exc.args[0]!r} ({name})") from None
-            except (TypeError, ValueError, SyntaxError, OSError) as exc:
-                raise DataError(f"{origin}: row {index}: {exc} ({name})") from None
-        except DataError as exc:
-            if bad_rows is None:
-                raise
-            bad_rows.append(str(exc))
-    return records
+    return convert_each(rows, lambda row, _: converter(row, base_dir), origin, name, bad_rows)

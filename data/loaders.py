@@ -226,24 +226,29 @@ def _hub_rows(hub_id: str, config: str | None, split: str):
     return datasets.load_dataset(hub_id, config, split=split)
 
 
-def convert_rows(rows, fmt: str, origin: str, style: str = "train", bad_rows: list | None = None) -> list[Record]:
-    """Convert rows of one format. A bad row raises DataError naming `origin` and its index, or, when
-    a `bad_rows` list is given, is skipped and its message appended there."""
-    converter = CONVERTERS[fmt]
+def convert_each(rows, convert, origin: str, what: str, bad_rows: list | None = None) -> list[Record]:
+    """convert(row, index) for every row. A bad row raises DataError naming `origin`, the row and `what`
+    is being read, or, when a `bad_rows` list is given, is skipped and its message appended there."""
     records = []
     for index, row in enumerate(rows):
         try:
             try:
-                records.append(converter(row, index, style))
+                records.append(convert(row, index))
             except KeyError as exc:
-                raise DataError(f"{origin}: row {index}: missing field {exc.args[0]!r} (format {fmt})") from None
-            except (TypeError, ValueError, SyntaxError, AttributeError) as exc:
-                raise DataError(f"{origin}: row {index}: {exc} (format {fmt})") from None
+                raise DataError(f"{origin}: row {index}: missing field {exc.args[0]!r} ({what})") from None
+            except (TypeError, ValueError, SyntaxError, AttributeError, OSError) as exc:
+                raise DataError(f"{origin}: row {index}: {exc} ({what})") from None
         except DataError as exc:
             if bad_rows is None:
                 raise
             bad_rows.append(str(exc))
     return records
+
+
+def convert_rows(rows, fmt: str, origin: str, style: str = "train", bad_rows: list | None = None) -> list[Record]:
+    """Convert rows of one format (see convert_each for bad rows)."""
+    converter = CONVERTERS[fmt]
+    return convert_each(rows, lambda row, index: converter(row, index, style), origin, f"format {fmt}", bad_rows)
 
 
 def load_records(data: str, data_format: str | None = None, split: str | None = None,

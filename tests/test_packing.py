@@ -48,3 +48,8 @@ def test_no_targets_still_connects_to_the_graph():
     assert logprobs.shape == (0,)
     logprobs.sum().backward()  # a rank with nothing to learn still runs backward (FSDP's collectives)
     assert lm_head.weight.grad is not None and lm_head.weight.grad.abs().sum() == 0
+
+
+def test_an_empty_micro_batch_is_one_token_without_targets():
+    batch = pack([], [])
+    assert batch["input_ids"].shape == (1, 1) and batch["target_ids"].numel() == 0

@@ -45,7 +45,8 @@ def test_loss_is_the_same_however_the_batch_is_split(qwen2_single, tmp_path):
     fast = ["--no-activation-checkpointing"]
     run_sft(qwen2_single, data, tmp_path / "one", *common, *fast, "--max-tokens-per-micro-batch", "4096")
     run_sft(qwen2_single, data, tmp_path / "accum", *common, *fast, "--max-tokens-per-micro-batch", "200")
-    run_sft(qwen2_single, data, tmp_path / "ranks", *common, *fast, "--max-tokens-per-micro-batch", "1", nproc=2)
+    run_sft(qwen2_single, data, tmp_path / "ranks", *common, *fast, "--max-tokens-per-micro-batch", "300", nproc=2)
+    assert _micro_batch_counts_differ_between_ranks(qwen2_single, data, 4, 300, steps=4)
     run_sft(qwen2_single, data, tmp_path / "recompute", *common, "--max-tokens-per-micro-batch", "4096")
     reference = losses(tmp_path / "one")
     assert len(reference) == 4 and reference[0] > reference[-1]  # it learns
@@ -55,6 +56,27 @@ def test_loss_is_the_same_however_the_batch_is_split(qwen2_single, tmp_path):
         row = json.loads(fh.readline())
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib"} <= set(row)
     assert row["peak_memory_gib"] > 0.1
+
+
+def _micro_batch_counts_differ_between_ranks(model, data, global_batch, budget, steps) -> bool:
+    """Whether, in some step, the two ranks' shares cut into different numbers of micro-batches (each rank
+    must then still run as many forward and backward passes as the other, or FSDP's collectives hang)."""
+    from transformers import AutoTokenizer
+
+    from data import load_records
+    from packing import micro_batches
+    from training import step_indices
+    args = sft.parse_args(["--model", model, "--data", data, "--output-dir", "o", "--max-length", "256"])
+    examples, _ = sft.tokenize(load_records(data), AutoTokenizer.from_pretrained(model), args)
+    per_epoch = len(examples) // global_batch
+    for step in range(steps):
+        indices = step_indices(len(examples), global_batch, step, per_epoch, 0)
+        half = global_batch // 2
+        counts = {len(micro_batches([len(examples[i][0]) for i in indices[r * half:(r + 1) * half]], budget))
+                  for r in range(2)}
+        if len(counts) > 1:
+            return True
+    return False
 
 
 @pytest.mark.parametrize("n_examples", [16, 12], ids=["mid-epoch", "epoch-boundary"])
@@ -215,3 +237,13 @@ def test_the_exported_config_states_the_dtype_of_the_weights(qwen2_single, tmp_p
     assert result.stdout.split("\n")[-2] == "bfloat16 {'torch.bfloat16'}"
     with open(os.path.join(qwen2_single, "config.json")) as fh:
         assert json.load(fh)["dtype"] == "float32"  # the source said float32: the export changed it
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(qwen2_single, tmp_path):
+    data = write_data(tmp_path / "d.jsonl", 4)
+    common = ["--global-batch-size", "4", "--max-steps", "1", "--no-activation-checkpointing"]
+    run_sft(qwen2_single, data, tmp_path / "o", *common)
+    again = run_script("sft.py", "--model", qwen2_single, "--data", data, "--output-dir", tmp_path / "o", *common,
+                       check=False)
+    assert again.returncode == 1
+    assert f"{tmp_path / 'o' / 'checkpoints'} holds an earlier run's checkpoints; pass --resume" in again.stderr
