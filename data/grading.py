@@ -224,6 +224,8 @@ def grade_many(responses: list[str | None], answers: list, options: list[dict | 
         if len(prediction) > MAX_ANSWER_CHARS:
             continue
         for gold in answer if isinstance(answer, list) else [answer]:
+            if scores[i] == 1.0:  # an earlier alternative already matched
+                break
             at_precision = grade_at_precision(prediction, gold, decimals) if decimals is not None else None
             if at_precision is not None:
                 scores[i] = max(scores[i], at_precision)
