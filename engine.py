@@ -17,6 +17,8 @@ import re
 
 import torch
 
+from data.prompts import image_refs
+
 _open_engines: list = []
 
 
@@ -131,9 +133,24 @@ def budget_args(budget: int | None, exit_ids: list[int], close_ids: list[int] | 
 
 # --- the transformers backend (a reference for vLLM) ---------------------------------------------------
 
+def open_image(ref):
+    from PIL import Image
+    return Image.open(ref).convert("RGB") if isinstance(ref, str) else ref
+
+
 def images_of(conversation) -> list:
-    return [part["image"] for message in conversation if isinstance(message["content"], list)
-            for part in message["content"] if part.get("type") == "image"]
+    """The conversation's images as PIL images (records keep image files as paths until they are used)."""
+    return [open_image(ref) for ref in image_refs(conversation)]
+
+
+def expand_image_pads(text: str, tokens_per_image) -> str:
+    """Qwen2.5-VL's prompt layout: each <|image_pad|> repeated as many times as its image has tokens (one per
+    merged patch); tokens_per_image is an iterator over the images in order."""
+    return re.sub(re.escape("<|image_pad|>"), lambda _: "<|image_pad|>" * next(tokens_per_image), text)
+
+
+def image_token_counts(image_grid_thw, merge_size: int) -> list[int]:
+    return (image_grid_thw.prod(-1) // merge_size ** 2).tolist()
 
 
 def hf_inputs(tokenizer, image_processor, conversations, max_pixels: int | None = None,
@@ -150,8 +167,8 @@ def hf_inputs(tokenizer, image_processor, conversations, max_pixels: int | None 
         if min_pixels:
             size["shortest_edge"] = min_pixels
         extra = dict(image_processor(images=images, size=size, return_tensors="pt"))
-        counts = iter((extra["image_grid_thw"].prod(-1) // image_processor.merge_size ** 2).tolist())
-        texts = [re.sub(re.escape("<|image_pad|>"), lambda _: "<|image_pad|>" * next(counts), t) for t in texts]
+        counts = iter(image_token_counts(extra["image_grid_thw"], image_processor.merge_size))
+        texts = [expand_image_pads(text, counts) for text in texts]
     tokenizer.padding_side = "left"
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return {**encoded, **extra}

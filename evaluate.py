@@ -19,9 +19,10 @@ import math
 import os
 from collections import Counter
 
-from data.benchmarks import BENCHMARKS, is_multimodal, load_benchmark
+from data.benchmarks import BENCHMARKS, load_benchmark
 from data.grading import (choice_letter, damaged_gold, extract_answer, grade_many, normalise_answer,
                           start_grading_workers)
+from data.prompts import image_refs
 from data.records import DataError, open_for_append, write_jsonl_line
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 
@@ -223,7 +224,8 @@ def image_root(spec: str | None, name: str) -> str | None:
     return dict(part.split("=", 1) for part in spec.split(",")).get(name)
 
 
-def evaluate_benchmark(backend, args, name, path, label, out_dir, budget, max_tokens, exit_ids) -> dict:
+def load_items(args, name, path, label) -> tuple[list, list | None, list]:
+    """A benchmark's records, its skipped rows (None unless --skip-bad-rows) and the ids of damaged golds."""
     bad_rows = [] if args.skip_bad_rows else None
     records = load_benchmark(name, path, args.limit, image_root(args.image_root, name), bad_rows)
     for record in records:
@@ -232,6 +234,11 @@ def evaluate_benchmark(backend, args, name, path, label, out_dir, budget, max_to
     damaged = [r.id for r in records if r.kind == "math" and damaged_gold(r.answer)]
     if bad_rows or damaged:
         print(f"{label}: {len(bad_rows or [])} rows skipped, {len(damaged)} gold answers damaged (see the summary)")
+    return records, bad_rows, damaged
+
+
+def evaluate_benchmark(backend, args, records, bad_rows, damaged, label, out_dir, budget, max_tokens,
+                       exit_ids) -> dict:
     results_path = os.path.join(out_dir, f"{label}.jsonl")
     done = {}
     if os.path.exists(results_path):
@@ -249,7 +256,7 @@ def evaluate_benchmark(backend, args, name, path, label, out_dir, budget, max_to
         for start in range(0, len(todo), args.chunk_size):
             chunk = todo[start:start + args.chunk_size]
             items = run_items(backend, chunk, args.samples, args.temperature, budget, max_tokens, exit_ids)
-            if args.text_only_probe and is_multimodal(name):
+            if args.text_only_probe and any(image_refs(r.messages) for r in chunk):
                 probe_records = [r.__class__(**{**r.__dict__, "messages": without_images(r.messages)}) for r in chunk]
                 probes = run_items(backend, probe_records, args.text_only_probe, args.probe_temperature, budget,
                                    max_tokens, exit_ids)
@@ -310,13 +317,16 @@ def main(argv=None):
         # your own files are reported under their file name, so that several can run at once
         label = os.path.splitext(os.path.basename(path))[0] if name == "records" and path else name
         specs.append((name, path or None, label))
-    args.multimodal = any(is_multimodal(name) for name, _, _ in specs)
     os.makedirs(args.output_dir, exist_ok=True)
+    start_grading_workers()  # they import math-verify while the data and the model load
+    # every benchmark is read before the engine starts: bad data fails in seconds, and the engine
+    # reserves memory for images only when some item has one
+    benchmarks = [(label, *load_items(args, name, path, label)) for name, path, label in specs]
+    args.multimodal = any(image_refs(r.messages) for _, records, _, _ in benchmarks for r in records)
 
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
-    start_grading_workers()  # they import math-verify while the model loads
     backend = (VLLMBackend if args.backend == "vllm" else HFBackend)(args, exit_ids)
 
     if args.no_forced_exit:
@@ -332,8 +342,9 @@ def main(argv=None):
     try:
         for budget, max_tokens, out_dir in runs:
             os.makedirs(out_dir, exist_ok=True)
-            for name, path, label in specs:
-                summary = evaluate_benchmark(backend, args, name, path, label, out_dir, budget, max_tokens, exit_ids)
+            for label, records, bad_rows, damaged in benchmarks:
+                summary = evaluate_benchmark(backend, args, records, bad_rows, damaged, label, out_dir, budget,
+                                             max_tokens, exit_ids)
                 all_summaries.append({**summary, "think_budget": budget})
     finally:
         backend.close()

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from data import add_data_arguments, load_records
+from data.prompts import image_refs
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 from packing import micro_batches, pack, target_logprobs
 from training import add_trainer_arguments, as_many_on_every_rank, exit_without_teardown
@@ -255,7 +256,7 @@ def main(argv=None):
 
     from data.grading import grade_many, start_grading_workers
     from data.records import DataError
-    from engine import images_of, make_llm, on_gpu, shutdown_llm
+    from engine import make_llm, on_gpu, shutdown_llm
     from training import (MetricsLog, Timer, all_reduce_max, all_reduce_sum, export_model, init_distributed,
                           latest_checkpoint, load_checkpoint, load_model, peak_memory_gib, refuse_stale_checkpoints,
                           save_checkpoint, seed_everything, shard_model, step_indices, vision_tower)
@@ -278,7 +279,7 @@ def main(argv=None):
     for index, record in enumerate(records):
         if record.answer is None or not str(record.answer).strip():
             raise DataError(f"{args.data}: row {index}: no gold answer (id {record.id}); RL needs one per prompt")
-        if images_of(record.messages):
+        if image_refs(record.messages):
             raise DataError(f"{args.data}: row {index}: the prompt holds images (id {record.id}); grpo.py trains on "
                             "text prompts, as the paper's recipe does")
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True),

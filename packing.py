@@ -33,13 +33,16 @@ def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return groups + [current] if current else groups
 
 
-def pack(sequences: list[list[int]], targets: list[list[tuple[int, int]]]) -> dict:
+def pack(sequences: list[list[int]], targets: list[list[tuple[int, int]]],
+         rope_positions: list[torch.Tensor | None] | None = None) -> dict:
     """One row of the sequences. targets[i] holds (position in sequence i, target token) pairs: the
     token predicted from that position. Returns input_ids and positions [1, N], and the targets'
-    positions in the row and their token ids, in sequence order. No sequences: one token and no target
+    positions in the row and their token ids, in sequence order. rope_positions[i]: a VLM's [3, len]
+    multimodal rope positions of a sequence with images (None for text: its positions on all three
+    axes); given, the batch holds them for the row as [3, 1, N]. No sequences: one token and no target
     (an empty micro-batch, that a rank runs to join the others' collectives)."""
     if not sequences:
-        sequences, targets = [[0]], [[]]
+        sequences, targets, rope_positions = [[0]], [[]], None
     ids, positions, index, target_ids, offset = [], [], [], [], 0
     for sequence, pairs in zip(sequences, targets):
         ids += sequence
@@ -47,8 +50,13 @@ def pack(sequences: list[list[int]], targets: list[list[tuple[int, int]]]) -> di
         index += [offset + p for p, _ in pairs]
         target_ids += [t for _, t in pairs]
         offset += len(sequence)
-    return {"input_ids": torch.tensor([ids]), "positions": torch.tensor([positions]),
-            "target_index": torch.tensor(index, dtype=torch.long), "target_ids": torch.tensor(target_ids)}
+    batch = {"input_ids": torch.tensor([ids]), "positions": torch.tensor([positions]),
+             "target_index": torch.tensor(index, dtype=torch.long), "target_ids": torch.tensor(target_ids)}
+    if rope_positions is not None:
+        batch["rope_positions"] = torch.cat([
+            torch.arange(len(seq)).expand(3, -1) if rope is None else rope
+            for seq, rope in zip(sequences, rope_positions)], dim=1).unsqueeze(1)
+    return batch
 
 
 def _chunk_logprobs(hidden, target_ids, lm_head, temperature):
@@ -80,34 +88,55 @@ def chunked_target_logprobs(hidden: torch.Tensor, lm_head, target_ids: torch.Ten
     return torch.cat(logprobs), torch.cat(entropy) if with_entropy else None
 
 
-def install_target_logprobs(model) -> None:
+def install_target_logprobs(model, vision_in_every_forward: bool = False) -> None:
     """Let `model(input_ids=..., position_ids=..., targets=(index, ids))` return (log-probs, entropy or None)
     of the targets at those row positions instead of logits. It runs inside the model's own forward, so
     FSDP's hooks around that forward gather and free the root's parameters (embeddings, final norm,
-    lm_head) as for any call; without targets the forward is the model's own (generate keeps working)."""
+    lm_head) as for any call; without targets the forward is the model's own (generate keeps working).
+
+    vision_in_every_forward: a trained vision tower is a sharded FSDP unit whose forward and backward
+    are collectives; a micro-batch without images then runs it on one blank 28x28 image with a zero
+    weight, so that every rank takes part in them whatever its micro-batch holds."""
     original = model.forward
 
     def forward(*args, targets=None, temperature: float = 1.0, with_entropy: bool = False, **kwargs):
         if targets is None:
             return original(*args, **kwargs)
         index, ids = targets
+        # before the decoder, where images run: FSDP's collectives come in the same order on every rank
+        blank = blank_image_features(model, kwargs["input_ids"].device) \
+            if vision_in_every_forward and kwargs.get("pixel_values") is None else None
         # no KV cache: with one, transformers builds no packed-sequence mask (masking_utils checks
         # `past_key_values is None`), and Qwen2.5-VL's text config asks for a cache unless told otherwise
         hidden = model.model(*args, use_cache=False, **kwargs).last_hidden_state[0, index]
-        return chunked_target_logprobs(hidden, model.lm_head, ids, temperature, with_entropy)
+        logprobs, entropy = chunked_target_logprobs(hidden, model.lm_head, ids, temperature, with_entropy)
+        return (logprobs if blank is None else logprobs + 0.0 * blank), entropy
     model.forward = forward
 
 
-def position_ids_for(model, positions: torch.Tensor) -> torch.Tensor:
-    """Qwen2.5-VL takes [4, B, T] (text positions, then the three mrope axes) for packed text."""
-    if hasattr(model.config, "vision_config"):
-        return positions.unsqueeze(0).expand(4, *positions.shape)
-    return positions
+def blank_image_features(model, device) -> torch.Tensor:
+    """The sum of a VLM's features for one blank image of 2x2 patches (one merged token)."""
+    vision = model.config.vision_config
+    grid = torch.tensor([[1, vision.spatial_merge_size, vision.spatial_merge_size]], device=device)
+    pixels = torch.zeros(int(grid.prod()), vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2,
+                         device=device)
+    return torch.cat(model.model.get_image_features(pixels, grid).pooler_output).sum()
+
+
+def position_ids_for(model, batch: dict) -> torch.Tensor:
+    """Qwen2.5-VL takes [4, 1, N] for a packed row: the text positions, which transformers reads to keep
+    attention inside each sequence (modeling_qwen2_5_vl.py: `text_position_ids = position_ids[0]`), then
+    the three mrope axes, which place image tokens on the image's grid."""
+    positions = batch["positions"]
+    if not hasattr(model.config, "vision_config"):
+        return positions
+    rope = batch.get("rope_positions", positions.unsqueeze(0).expand(3, *positions.shape))
+    return torch.cat([positions.unsqueeze(0), rope])
 
 
 def target_logprobs(model, batch: dict, device, temperature: float = 1.0, with_entropy: bool = False):
     """Log-probs (and entropy) of a packed batch's targets under a model prepared by install_target_logprobs."""
-    return model(input_ids=batch["input_ids"].to(device),
-                 position_ids=position_ids_for(model, batch["positions"].to(device)),
+    images = {k: batch[k].to(device) for k in ("pixel_values", "image_grid_thw") if k in batch}
+    return model(input_ids=batch["input_ids"].to(device), position_ids=position_ids_for(model, batch).to(device),
                  targets=(batch["target_index"].to(device), batch["target_ids"].to(device)),
-                 temperature=temperature, with_entropy=with_entropy)
+                 temperature=temperature, with_entropy=with_entropy, **images)

@@ -7,7 +7,9 @@ Full fine-tuning with a hand-written FSDP2 loop. Defaults are the paper's: AdamW
 (0.9, 0.999), no weight decay, 4 epochs, lr x0.8 after each epoch, 128 sequences per step, 4,096
 tokens per sequence. The loss is on assistant tokens only, summed over the whole global batch and
 divided by its number of target tokens, so it does not depend on how the batch is split across
-ranks and micro-batches. Outputs: OUT/metrics.jsonl, OUT/checkpoints/step_*/ (sharded, resumable
+ranks and micro-batches. The recipe is text only; records with images (paths or PIL images in their
+messages) train a VLM on them as its processor lays them out (`make demo` does, for its "instruct"
+model). Outputs: OUT/metrics.jsonl, OUT/checkpoints/step_*/ (sharded, resumable
 with --resume), OUT/model/ (save_pretrained; loads in transformers and vLLM).
 """
 from __future__ import annotations
@@ -15,12 +17,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from data import add_data_arguments, assistant_target, load_records
+from data.prompts import image_refs
+from engine import expand_image_pads, image_token_counts, images_of, open_image
 from packing import micro_batches, pack, target_logprobs
 from training import (MetricsLog, Timer, add_trainer_arguments, all_reduce_sum, as_many_on_every_rank, count_params,
                       exit_without_teardown, export_model, init_distributed, latest_checkpoint, load_checkpoint,
@@ -62,34 +67,61 @@ def parse_args(argv=None):
 
 # --- data ------------------------------------------------------------------------------------------------
 
-def tokenize(records, tokenizer, args):
-    """(input ids, labels) per example; labels are the next token on assistant tokens, IGNORE elsewhere."""
+class Example(NamedTuple):
+    ids: list[int]
+    labels: list[int]  # the next token on assistant tokens, IGNORE elsewhere
+    images: list  # image files (or PIL images), read again when the example is batched
+    image_grid_thw: torch.Tensor | None  # [images, 3] patches per image (Qwen2.5-VL)
+
+
+def tokenize(records, tokenizer, args, image_processor=None):
+    """Examples and the counts of records skipped or cut. A VLM's image prompts get one <|image_pad|> per
+    merged patch of each image, as the model's processor lays them out."""
     examples, skipped = [], {"no_target": 0, "too_long_dropped": 0, "truncated": 0}
     for record in records:
         if not record.target_answer or (not args.no_cot and not record.target_think):
             skipped["no_target"] += 1
             continue
         prompt = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
+        images, grid = images_of(record.messages), None
+        if images:
+            grid = image_processor(images=images, return_tensors="pt")["image_grid_thw"]
+            prompt = expand_image_pads(prompt, iter(image_token_counts(grid, image_processor.merge_size)))
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
         target = assistant_target(None if args.no_cot else record.target_think, record.target_answer)
         target_ids = tokenizer.encode(target + tokenizer.eos_token, add_special_tokens=False)
         ids = prompt_ids + target_ids
         if len(ids) > args.max_length:
-            if args.long_examples == "drop":
+            # an image's tokens are all there or the image cannot be placed: such a cut drops the example
+            if args.long_examples == "drop" or (images and len(prompt_ids) > args.max_length):
                 skipped["too_long_dropped"] += 1
                 continue
             skipped["truncated"] += 1
             ids = ids[:args.max_length]
         is_target = [False] * len(prompt_ids) + [True] * len(target_ids)
         labels = [ids[t + 1] if t + 1 < len(ids) and is_target[t + 1] else IGNORE for t in range(len(ids))]
-        examples.append((ids, labels))
+        examples.append(Example(ids, labels, image_refs(record.messages), grid))
     return examples, skipped
 
 
-def collate(examples):
-    """A micro-batch packed into one row; the targets are the labelled (assistant) positions."""
-    return pack([ids for ids, _ in examples],
-                [[(t, label) for t, label in enumerate(labels) if label != IGNORE] for _, labels in examples])
+def collate(examples, model=None, image_processor=None):
+    """A micro-batch packed into one row; the targets are the labelled (assistant) positions. With images,
+    their pixels and grids for the vision tower and each image sequence's mrope positions (from the model)."""
+    targets = [[(t, label) for t, label in enumerate(e.labels) if label != IGNORE] for e in examples]
+    if not any(e.images for e in examples):
+        return pack([e.ids for e in examples], targets)
+    batch = pack([e.ids for e in examples], targets, [rope_positions(model, e) if e.images else None for e in examples])
+    batch.update(image_processor(images=[open_image(ref) for e in examples for ref in e.images], return_tensors="pt"))
+    return batch
+
+
+def rope_positions(model, example: Example) -> torch.Tensor:
+    """Qwen2.5-VL's [3, len] mrope positions of one sequence with images (text tokens step by one on all
+    three axes; an image's tokens sit on its grid)."""
+    ids = torch.tensor([example.ids])
+    image_tokens = (ids == model.config.image_token_id).int()
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=image_tokens, image_grid_thw=example.image_grid_thw)
+    return positions[:, 0]
 
 
 def summed_token_loss(model, batch: dict, device) -> torch.Tensor:
@@ -119,7 +151,11 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     bad_rows = [] if args.skip_bad_rows else None
     records = load_records(args.data, args.data_format, args.data_split, style="train", bad_rows=bad_rows)
-    examples, skipped = tokenize(records, tokenizer, args)
+    image_processor = None
+    if any(image_refs(r.messages) for r in records):
+        from transformers import AutoImageProcessor
+        image_processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    examples, skipped = tokenize(records, tokenizer, args, image_processor)
     steps_per_epoch = len(examples) // args.global_batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {args.data}: {len(examples)} usable examples, fewer than one global batch "
@@ -166,12 +202,12 @@ def main(argv=None):
         timer = Timer()
         indices = step_indices(len(examples), args.global_batch_size, step, steps_per_epoch, args.seed)
         mine = [examples[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
-        local_targets = sum(sum(1 for t in lab if t != IGNORE) for _, lab in mine)
+        local_targets = sum(sum(1 for t in e.labels if t != IGNORE) for e in mine)
         global_targets = all_reduce_sum(local_targets, device).item()
         loss_sum = 0.0
-        groups = micro_batches([len(ids) for ids, _ in mine], args.max_tokens_per_micro_batch)
+        groups = micro_batches([len(e.ids) for e in mine], args.max_tokens_per_micro_batch)
         for group in as_many_on_every_rank(groups, device):
-            token_loss = summed_token_loss(model, collate([mine[i] for i in group]), device)
+            token_loss = summed_token_loss(model, collate([mine[i] for i in group], model, image_processor), device)
             # FSDP averages gradients over ranks: scale by world / global count to get the global token mean.
             (token_loss * world / max(global_targets, 1.0)).backward()
             loss_sum += token_loss.item()
@@ -187,7 +223,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
-        lengths = [len(e) for e, _ in mine]
+        lengths = [len(e.ids) for e in mine]
         totals = all_reduce_sum(torch.tensor([sum(lengths), sum(s * s for s in lengths)], dtype=torch.float64),
                                 device).tolist()
         seconds = timer()

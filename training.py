@@ -118,7 +118,7 @@ def load_model(path: str, *, train_vision: bool = False, activation_checkpointin
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    install_target_logprobs(model)
+    install_target_logprobs(model, vision_in_every_forward=train_vision and vision_tower(model) is not None)
     return model
 
 

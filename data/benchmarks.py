@@ -22,7 +22,7 @@ import io
 import os
 import re
 
-from data.loaders import LETTERS, convert_each, convert_rows, read_rows
+from data.loaders import LETTERS, convert_each, convert_rows, read_rows, resolve_image_paths
 from data.prompts import user_messages
 from data.records import DataError, Record
 
@@ -174,10 +174,6 @@ BENCHMARKS = {
 }
 
 
-def is_multimodal(name: str) -> bool:
-    return callable(BENCHMARKS[name][0])
-
-
 def load_benchmark(name: str, path: str | None = None, limit: int | None = None, image_root: str | None = None,
                    bad_rows: list | None = None) -> list[Record]:
     """The benchmark's records. image_root: the folder image paths are relative to (default: the data
@@ -199,6 +195,9 @@ def load_benchmark(name: str, path: str | None = None, limit: int | None = None,
     if limit is not None:
         rows = rows[:limit]
     if not callable(converter):
-        return convert_rows(rows, converter, origin, style="eval", bad_rows=bad_rows)
+        records = convert_rows(rows, converter, origin, style="eval", bad_rows=bad_rows)
+        if converter == "records":
+            resolve_image_paths(records, image_root or base_dir, origin)
+        return records
     base_dir = image_root or base_dir
     return convert_each(rows, lambda row, _: converter(row, base_dir), origin, name, bad_rows)

@@ -289,7 +289,23 @@ def load_records(data: str, data_format: str | None = None, split: str | None = 
         rows = [row for row in rows if isinstance(row, dict) and row.get("category") == "health"]
     if limit is not None:
         rows = rows[:limit] if isinstance(rows, list) else rows.select(range(min(limit, len(rows))))
-    return convert_rows(rows, fmt, data, style, bad_rows)
+    records = convert_rows(rows, fmt, data, style, bad_rows)
+    if fmt == "records" and is_file_spec(data) and "://" not in data:
+        resolve_image_paths(records, os.path.dirname(os.path.abspath(data)), data)
+    return records
+
+
+def resolve_image_paths(records: list[Record], base_dir: str, origin: str) -> None:
+    """Make the image paths in records' messages absolute (relative ones are relative to base_dir, the
+    data file's folder) and check that each exists. Images stay on disk until a stage reads them."""
+    for record in records:
+        for message in record.messages:
+            for part in message["content"] if isinstance(message["content"], list) else []:
+                if part.get("type") == "image" and isinstance(part.get("image"), str):
+                    path = os.path.join(base_dir, part["image"])
+                    if not os.path.exists(path):
+                        raise DataError(f"{origin}: record {record.id}: image not found: {path}")
+                    part["image"] = path
 
 
 def write_records(path: str, records: list[Record]) -> None:

@@ -72,6 +72,12 @@ def user_messages(question: str, options: dict[str, str] | None = None, style: s
     return [{"role": "user", "content": parts}]
 
 
+def image_refs(messages: list[dict]) -> list:
+    """The images of a conversation as its messages hold them: file paths or PIL images."""
+    return [part["image"] for message in messages if isinstance(message["content"], list)
+            for part in message["content"] if part.get("type") == "image"]
+
+
 def assistant_target(think: str | None, answer: str) -> str:
     """The SFT target in the format the prompts ask for; think=None gives the non-CoT target."""
     if think is None:

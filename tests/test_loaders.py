@@ -153,3 +153,23 @@ def test_not_json_names_the_file_and_line(tmp_path):
 def test_unknown_fields_ask_for_data_format(tmp_path):
     with pytest.raises(DataError, match=r"row 0: cannot recognise the format.*--data-format"):
         load_records(write_jsonl(tmp_path / "u.jsonl", [{"foo": 1}]))
+
+
+def test_records_name_images_relative_to_their_file_and_a_missing_one_names_the_record(tmp_path):
+    from PIL import Image
+
+    from data.benchmarks import load_benchmark
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (56, 28), "white").save(tmp_path / "img" / "a.png")
+    image_row = Record(id="a", messages=[{"role": "user", "content": [{"type": "image", "image": "img/a.png"},
+                                                                      {"type": "text", "text": "What is shown?"}]}],
+                       answer="1", target_think="t", target_answer="1").to_json()
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(image_row) + "\n")
+    for records in (load_records(str(path)), load_benchmark("records", str(path))):
+        assert records[0].messages[0]["content"][0]["image"] == str(tmp_path / "img" / "a.png")
+    missing = {**json.loads(json.dumps(image_row)), "id": "b"}
+    missing["messages"][0]["content"][0]["image"] = "img/b.png"
+    path.write_text(json.dumps(image_row) + "\n" + json.dumps(missing) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}: record b: image not found: {tmp_path / 'img' / 'b.png'}$"):
+        load_records(str(path))

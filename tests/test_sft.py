@@ -118,7 +118,7 @@ def test_loss_depends_on_assistant_targets_only(qwen2_single):
                     target_think="two and two", target_answer="4")
     args = sft.parse_args(["--model", "m", "--data", "d", "--output-dir", "o"])
     (example,), _ = sft.tokenize([record], tok, args)
-    ids, labels = example
+    ids = example.ids
     prompt = tok.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
     n_prompt = len(tok.encode(prompt, add_special_tokens=False))
     batch = sft.collate([example])
@@ -143,7 +143,7 @@ def test_a_micro_batch_is_one_packed_row_and_its_loss_is_the_per_example_loss(qw
     records = [Record.from_json(json.loads(line)) for line in open(write_data(tmp_path / "d.jsonl", 5))]
     args = sft.parse_args(["--model", "m", "--data", "d", "--output-dir", "o"])
     examples, _ = sft.tokenize(records, tok, args)
-    lengths = [len(e) for e, _ in examples]
+    lengths = [len(e.ids) for e in examples]
     assert len(set(lengths)) > 1
     seen, handle = _packed_inputs(model)
     packed = sft.summed_token_loss(model, sft.collate(examples), "cpu")

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import evaluate
 from engine import hf_inputs, images_of, load_hf_model, make_llm, shutdown_llm
@@ -127,3 +127,64 @@ def test_grpo_refuses_a_prompt_with_images_naming_its_row(qwen2_5_vl, tmp_path):
     assert result.returncode != 0
     assert "p.jsonl: row 1: the prompt holds images (id b)" in result.stderr
     assert not os.path.exists(os.path.join(ROOT, "o"))
+
+
+def _sum_records(tmp_path):
+    from data import load_records, write_records
+    from data.synthetic import sum_records
+    records = sum_records(2, 0, "image", str(tmp_path), "i") + sum_records(2, 0, "text", str(tmp_path), "t") + \
+        sum_records(2, 0, "reading", str(tmp_path), "r")
+    write_records(str(tmp_path / "d.jsonl"), records)
+    return load_records(str(tmp_path / "d.jsonl"))
+
+
+def test_sft_packs_image_examples_with_their_mrope_positions_as_the_models_own_forward(qwen2_5_vl, tmp_path):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    import sft
+    from packing import position_ids_for
+    from training import load_model
+    tokenizer, processor = AutoTokenizer.from_pretrained(qwen2_5_vl), AutoImageProcessor.from_pretrained(qwen2_5_vl)
+    args = sft.parse_args(["--model", qwen2_5_vl, "--data", "d", "--output-dir", "o", "--no-cot"])
+    examples, _ = sft.tokenize(_sum_records(tmp_path), tokenizer, args, processor)
+    model = load_model(qwen2_5_vl, activation_checkpointing=False).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # larger weights, so that wrong positions would show
+            param.mul_(4.0)
+        batch = sft.collate(examples, model, processor)
+        packed, _ = model(input_ids=batch["input_ids"], position_ids=position_ids_for(model, batch),
+                          targets=(batch["target_index"], batch["target_ids"]), pixel_values=batch["pixel_values"],
+                          image_grid_thw=batch["image_grid_thw"])
+        reference = []
+        for example in examples:  # transformers' own path: one sequence, its processor, its rope index
+            ids = torch.tensor([example.ids])
+            inputs = {}
+            if example.images:
+                inputs = dict(processor(images=images_of([{"content": [{"type": "image", "image": i}
+                                                                        for i in example.images]}]),
+                                        return_tensors="pt"))
+                inputs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+            model.model.rope_deltas = None
+            logprobs = model(input_ids=ids, **inputs).logits[0].float().log_softmax(-1)
+            reference += [logprobs[t, label] for t, label in enumerate(example.labels) if label != sft.IGNORE]
+    images = [e for e in examples if e.images]
+    assert len(images) == 4 and all(e.image_grid_thw.tolist() == [[1, 2, 10]] for e in images)
+    assert batch["pixel_values"].shape[0] == 4 * 20 and batch["image_grid_thw"].shape == (4, 3)
+    assert torch.allclose(packed, torch.stack(reference), atol=1e-4)
+    # an image's tokens sit on its grid: rope axes differ from the text positions there
+    assert not torch.equal(batch["rope_positions"][1:, 0], batch["positions"].expand(2, -1))
+
+
+def test_sft_trains_the_vision_tower_when_ranks_micro_batches_differ_in_images(qwen2_5_vl, tmp_path):
+    from training import step_indices
+    _sum_records(tmp_path)  # writes d.jsonl: 2 image, 2 text, 2 reading examples
+    per_step = [step_indices(6, 2, step, 3, 0) for step in range(3)]
+    # one example per micro-batch and rank: in some step one rank reads an image and the other does not
+    assert any((i < 2 or i >= 4) != (j < 2 or j >= 4) for i, j in per_step)
+    run_script("sft.py", "--model", qwen2_5_vl, "--data", tmp_path / "d.jsonl", "--output-dir", tmp_path / "o",
+               "--no-cot", "--train-vision", "--global-batch-size", 2, "--max-tokens-per-micro-batch", 1,
+               "--epochs", 1, "--lr", 1e-3, "--save-every", 0, "--no-activation-checkpointing", nproc=2)
+    before = load_file(os.path.join(qwen2_5_vl, "model.safetensors"))
+    after = load_file(str(tmp_path / "o" / "model" / "model.safetensors"))
+    vision = [k for k in before if ".visual." in f".{k}"]
+    assert vision and all(not torch.equal(before[k], after[k]) for k in vision if k.endswith("patch_embed.proj.weight"))
