@@ -32,7 +32,7 @@ from tiny_models import build_qwen2_5_vl, build_tokenizer
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 FULL = dict(reading=2048, direct=1024, instruct_epochs=2, cot_examples=3072, cot_epochs=2, rl_prompts=1024,
-            grpo_steps=40, eval_items=200, hidden=256, layers=4)
+            grpo_steps=60, eval_items=200, hidden=256, layers=4)
 QUICK = dict(reading=16, direct=16, instruct_epochs=1, cot_examples=64, cot_epochs=1, rl_prompts=32, grpo_steps=2,
              eval_items=8, hidden=128, layers=2)
 COLUMNS = [("text", "text (in domain)"), ("image", "image (X-modality)"), ("word", "word problems (X-domain)")]
@@ -65,9 +65,9 @@ def stage(title: str, script: str, *args) -> float:
     return time.time() - start
 
 
-def sft(title: str, model: str, data: str, out: str, epochs: int, lr: float, seed: int, *extra) -> float:
+def sft(title: str, model: str, data: str, out: str, epochs: int, seed: int, *extra) -> float:
     return stage(title, "sft.py", "--model", model, "--data", data, "--output-dir", out, "--epochs", epochs,
-                 "--lr", lr, "--lr-decay", 0.5, "--warmup-steps", 10, "--global-batch-size", 16,
+                 "--lr", 5e-4, "--lr-decay", 0.5, "--warmup-steps", 10, "--global-batch-size", 16,
                  "--max-tokens-per-micro-batch", 1024, "--max-length", 512, "--no-activation-checkpointing",
                  "--save-every", 0, "--seed", seed, *extra)
 
@@ -129,18 +129,18 @@ def main(argv=None):
 
     rows = []
     seconds = sft("0. the instruct model: reading images, direct answers (sft.py --no-cot)", init,
-                  f"{data_dir}/instruct.jsonl", f"{out}/instruct", cfg["instruct_epochs"], 5e-4, args.seed, "--no-cot")
+                  f"{data_dir}/instruct.jsonl", f"{out}/instruct", cfg["instruct_epochs"], args.seed, "--no-cot")
     rows.append(evaluate(f"{out}/instruct/model", f"{out}/eval/instruct", data_dir, "0. instruct", seconds))
 
     seconds = sft("1. long-CoT SFT on text only", f"{out}/instruct/model", f"{data_dir}/cot.jsonl", f"{out}/sft",
-                  cfg["cot_epochs"], 1e-4, args.seed)
+                  cfg["cot_epochs"], args.seed)
     rows.append(evaluate(f"{out}/sft/model", f"{out}/eval/sft", data_dir, "1. + CoT SFT (text)", seconds))
 
     seconds = stage("2. GRPO on text only, vLLM-CPU rollouts of the VLM", "grpo.py", "--model", f"{out}/sft/model",
                     "--data", f"{data_dir}/rl.jsonl", "--output-dir", f"{out}/grpo", "--global-batch-size", 16,
                     "--group-size", 8, "--mini-batches", 2, "--max-tokens-per-micro-batch", 2048,
                     "--max-response-length", 96, "--max-prompt-length", 256, "--no-activation-checkpointing",
-                    "--lr", 3e-5, "--warmup-ratio", 0.05, "--kl-coef", 0.0, "--max-steps", cfg["grpo_steps"],
+                    "--lr", 5e-5, "--warmup-ratio", 0.05, "--kl-coef", 0.0, "--max-steps", cfg["grpo_steps"],
                     "--save-every", 0, "--seed", args.seed)
     rows.append(evaluate(f"{out}/grpo/model", f"{out}/eval/grpo", data_dir, "2. + GRPO (text)", seconds))
 
