@@ -120,7 +120,8 @@ def rope_positions(model, example: Example) -> torch.Tensor:
     three axes; an image's tokens sit on its grid)."""
     ids = torch.tensor([example.ids])
     image_tokens = (ids == model.config.image_token_id).int()
-    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=image_tokens, image_grid_thw=example.image_grid_thw)
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=image_tokens,
+                                              image_grid_thw=example.image_grid_thw)
     return positions[:, 0]
 
 
@@ -169,8 +170,8 @@ def main(argv=None):
               f"{skipped['truncated']} truncated; {len(examples)} examples, {steps_per_epoch} steps per epoch, "
               f"{total_steps} steps" + (f"\nfirst bad row: {bad_rows[0]}" if bad_rows else ""))
 
-    model = load_model(args.model, train_vision=args.train_vision, trust_remote_code=args.trust_remote_code,
-                       activation_checkpointing=args.activation_checkpointing,
+    model = load_model(args.model, train_vision=args.train_vision, images_in_batches=any(e.images for e in examples),
+                       trust_remote_code=args.trust_remote_code, activation_checkpointing=args.activation_checkpointing,
                        attn_implementation=args.attn_implementation)
     text_config = getattr(model.config, "text_config", model.config)
     n_params = count_params(model) - model.get_input_embeddings().weight.numel()

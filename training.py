@@ -102,11 +102,13 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
-def load_model(path: str, *, train_vision: bool = False, activation_checkpointing: bool = True,
-               attn_implementation: str | None = None, trust_remote_code: bool = False):
+def load_model(path: str, *, train_vision: bool = False, images_in_batches: bool = False,
+               activation_checkpointing: bool = True, attn_implementation: str | None = None,
+               trust_remote_code: bool = False):
     """The policy in fp32 master weights (FSDP casts to bf16 for compute on GPU); a VLM's vision tower
     (and merger) frozen unless train_vision. `model(..., targets=...)` gives target log-probabilities
-    without full logits (packing.install_target_logprobs)."""
+    without full logits (packing.install_target_logprobs). images_in_batches: some micro-batches hold
+    images (so, with train_vision, every micro-batch runs the tower; text-only training never does)."""
     from engine import load_hf_model
     from packing import install_target_logprobs
 
@@ -118,7 +120,8 @@ def load_model(path: str, *, train_vision: bool = False, activation_checkpointin
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    install_target_logprobs(model, vision_in_every_forward=train_vision and vision_tower(model) is not None)
+    install_target_logprobs(model, vision_in_every_forward=train_vision and images_in_batches and
+                            vision_tower(model) is not None)
     return model
 
 
