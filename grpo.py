@@ -259,7 +259,8 @@ def main(argv=None):
     from engine import make_llm, on_gpu, shutdown_llm
     from training import (MetricsLog, Timer, all_reduce_max, all_reduce_sum, export_model, init_distributed,
                           latest_checkpoint, load_checkpoint, load_model, peak_memory_gib, refuse_stale_checkpoints,
-                          save_checkpoint, seed_everything, shard_model, step_indices, vision_tower)
+                          save_checkpoint, seed_everything, shard_model, step_indices, vision_tower,
+                          vision_trains)
 
     rank, world, device = init_distributed()
     if not args.resume:
@@ -295,9 +296,9 @@ def main(argv=None):
         print(f"data: {len(records)} prompts ({dropped} over --max-prompt-length dropped), "
               f"{steps_per_epoch} rollout batches per epoch, {total_steps} in all")
 
-    model = shard_model(load_model(args.model, train_vision=args.train_vision, trust_remote_code=args.trust_remote_code,
+    model = shard_model(load_model(args.model, train=args.train, trust_remote_code=args.trust_remote_code,
                                    activation_checkpointing=args.activation_checkpointing,
-                                   attn_implementation=args.attn_implementation), device, args.train_vision)
+                                   attn_implementation=args.attn_implementation), device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(1, round(args.warmup_ratio * total_steps * args.mini_batches))
@@ -306,7 +307,7 @@ def main(argv=None):
     if args.kl_coef > 0:
         reference = load_model(args.model, trust_remote_code=args.trust_remote_code, activation_checkpointing=False,
                                attn_implementation=args.attn_implementation)
-        if vision_tower(reference) is not None and not args.train_vision:  # frozen: the policy's is the same
+        if vision_tower(reference) is not None and not vision_trains(model):  # frozen: the policy's is the same
             reference.model.visual = vision_tower(model)
         reference = shard_model(reference, device)
         reference.requires_grad_(False)

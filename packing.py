@@ -94,23 +94,25 @@ def install_target_logprobs(model, vision_in_every_forward: bool = False) -> Non
     FSDP's hooks around that forward gather and free the root's parameters (embeddings, final norm,
     lm_head) as for any call; without targets the forward is the model's own (generate keeps working).
 
-    vision_in_every_forward: a trained vision tower is a sharded FSDP unit whose forward and backward
-    are collectives; a micro-batch without images then runs it on one blank 28x28 image with a zero
-    weight, so that every rank takes part in them whatever its micro-batch holds."""
+    vision_in_every_forward: a trained vision tower (or merger) is a sharded FSDP unit whose forward and
+    backward are collectives; a micro-batch without images then runs it on one blank 28x28 image whose
+    features enter the token embeddings with weight 0, so that every rank takes part in them whatever its
+    micro-batch holds. Through the embeddings, backward also passes every decoder layer (and their
+    collectives) as on a rank with images, even where the language model is frozen."""
     original = model.forward
 
     def forward(*args, targets=None, temperature: float = 1.0, with_entropy: bool = False, **kwargs):
         if targets is None:
             return original(*args, **kwargs)
         index, ids = targets
-        # before the decoder, where images run: FSDP's collectives come in the same order on every rank
-        blank = blank_image_features(model, kwargs["input_ids"].device) \
-            if vision_in_every_forward and kwargs.get("pixel_values") is None else None
+        if vision_in_every_forward and kwargs.get("pixel_values") is None:
+            input_ids = kwargs.pop("input_ids")
+            blank = blank_image_features(model, input_ids.device)  # before the decoder, where images run
+            kwargs["inputs_embeds"] = model.get_input_embeddings()(input_ids) + 0.0 * blank
         # no KV cache: with one, transformers builds no packed-sequence mask (masking_utils checks
         # `past_key_values is None`), and Qwen2.5-VL's text config asks for a cache unless told otherwise
         hidden = model.model(*args, use_cache=False, **kwargs).last_hidden_state[0, index]
-        logprobs, entropy = chunked_target_logprobs(hidden, model.lm_head, ids, temperature, with_entropy)
-        return (logprobs if blank is None else logprobs + 0.0 * blank), entropy
+        return chunked_target_logprobs(hidden, model.lm_head, ids, temperature, with_entropy)
     model.forward = forward
 
 

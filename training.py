@@ -4,6 +4,7 @@ to bottom and call these where the recipe needs them.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -24,7 +25,11 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 def add_trainer_arguments(parser) -> None:
     """The flags sft.py and grpo.py share word for word: model options, checkpoints kept, resume, logging."""
-    parser.add_argument("--train-vision", action="store_true", help="also train a VLM's vision tower (default: frozen)")
+    parser.add_argument("--train", type=model_parts, default=frozenset({"language"}), metavar="PARTS",
+                        help="the parts that train, comma-separated from language, projector (a VLM's merger: vision "
+                             "features into the language model's embedding space), vision (its vision tower); the "
+                             "rest is frozen. Default language: the paper's frozen vision encoder and projector. "
+                             "LLaVA-style alignment: projector; Qwen2-VL's first stage: projector,vision")
     parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
                         help="keep every layer's activations instead of recomputing them in backward (default: "
                              "recompute; a 7B model keeps ~7 MiB per token without it)")
@@ -88,8 +93,28 @@ def step_indices(num_examples: int, global_batch: int, step: int, steps_per_epoc
 
 # --- the model ---------------------------------------------------------------------------------------
 
+MODEL_PARTS = ("language", "projector", "vision")
+
+
+def model_parts(text: str) -> frozenset[str]:
+    """--train's value: a comma-separated set of MODEL_PARTS."""
+    parts = frozenset(part.strip() for part in text.split(",") if part.strip())
+    if not parts or parts - set(MODEL_PARTS):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated choice of {', '.join(MODEL_PARTS)}")
+    return parts
+
+
 def is_vision_param(name: str) -> bool:
+    """A parameter of a VLM's vision tower, its merger included."""
     return ".visual." in f".{name}" or name.startswith("visual.")
+
+
+def model_part(name: str) -> str:
+    """The part a parameter belongs to: "projector" (Qwen2.5-VL: visual.merger), "vision" (the rest of the
+    vision tower) or "language" (everything else: embeddings, decoder, lm_head)."""
+    if not is_vision_param(name):
+        return "language"
+    return "projector" if ".merger." in f".{name}" else "vision"
 
 
 def default_attn_implementation() -> str:
@@ -102,27 +127,36 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
-def load_model(path: str, *, train_vision: bool = False, images_in_batches: bool = False,
+def load_model(path: str, *, train: frozenset[str] = frozenset({"language"}), images_in_batches: bool = False,
                activation_checkpointing: bool = True, attn_implementation: str | None = None,
                trust_remote_code: bool = False):
-    """The policy in fp32 master weights (FSDP casts to bf16 for compute on GPU); a VLM's vision tower
-    (and merger) frozen unless train_vision. `model(..., targets=...)` gives target log-probabilities
-    without full logits (packing.install_target_logprobs). images_in_batches: some micro-batches hold
-    images (so, with train_vision, every micro-batch runs the tower; text-only training never does)."""
+    """The policy in fp32 master weights (FSDP casts to bf16 for compute on GPU); only the parts in train
+    (MODEL_PARTS) require gradients. `model(..., targets=...)` gives target log-probabilities without full
+    logits (packing.install_target_logprobs). images_in_batches: some micro-batches hold images (so, with a
+    part of the vision tower training, every micro-batch runs the tower; text-only training never does)."""
     from engine import load_hf_model
     from packing import install_target_logprobs
 
     model = load_hf_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
                           attn_implementation=attn_implementation or default_attn_implementation())
     for name, param in model.named_parameters():
-        if is_vision_param(name) and not train_vision:
-            param.requires_grad_(False)
+        param.requires_grad_(model_part(name) in train)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise SystemExit(f"error: --train {','.join(sorted(train))}: {path} has no such part (a text model has "
+                         "only language)")
+    if "language" not in train and not images_in_batches:
+        raise SystemExit(f"error: --train {','.join(sorted(train))} trains the vision side only, and the data has "
+                         "no images: nothing would learn")
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    install_target_logprobs(model, vision_in_every_forward=train_vision and images_in_batches and
-                            vision_tower(model) is not None)
+    install_target_logprobs(model, vision_in_every_forward=images_in_batches and vision_trains(model))
     return model
+
+
+def vision_trains(model) -> bool:
+    """Whether any parameter of the vision tower (merger included) is trained."""
+    return any(p.requires_grad for name, p in model.named_parameters() if is_vision_param(name))
 
 
 def vision_tower(model):
@@ -143,10 +177,12 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def shard_model(model, device, train_vision: bool = False):
+def shard_model(model, device):
     """FSDP2: one unit per decoder layer and the root; bf16 compute with fp32 gradient reduction on
-    GPU, fp32 on CPU. A frozen vision tower stays out of every unit (ignored, replicated): text-only
-    batches never call it, so no rank waits on a collective that another rank skips."""
+    GPU, fp32 on CPU. A vision tower with any trained parameter is a unit of its own, frozen and trained
+    parameters together (with --train projector, its merger trains and its blocks do not). A frozen vision
+    tower stays out of every unit (ignored, replicated): text-only batches never call it, so no rank waits
+    on a collective that another rank skips."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model.to(device)
@@ -155,7 +191,7 @@ def shard_model(model, device, train_vision: bool = False):
     vision = {p for n, p in model.named_parameters() if is_vision_param(n)}
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
-    if vision and train_vision:
+    if vision and vision_trains(model):
         fully_shard(vision_tower(model), mp_policy=mp)
         vision = set()
     elif vision and device.type == "cuda":  # frozen and replicated on every rank: bf16, as FSDP computes

@@ -175,6 +175,40 @@ def test_sft_packs_image_examples_with_their_mrope_positions_as_the_models_own_f
     assert not torch.equal(batch["rope_positions"][1:, 0], batch["positions"].expand(2, -1))
 
 
+def test_sft_aligns_the_projector_alone_on_two_ranks_and_resumes_to_the_same_weights(qwen2_5_vl, tmp_path):
+    """LLaVA-style alignment (--train projector): the merger trains, frozen blocks of the vision tower share
+    its FSDP unit, the language model is frozen; text-only micro-batches on one rank still join the tower's
+    collectives; a resumed run ends where an uninterrupted one does."""
+    _sum_records(tmp_path)
+    common = ["--data", tmp_path / "d.jsonl", "--model", qwen2_5_vl, "--no-cot", "--train", "projector",
+              "--global-batch-size", 2, "--max-tokens-per-micro-batch", 1, "--epochs", 2, "--lr", 1e-2,
+              "--save-every", 1, "--no-activation-checkpointing"]
+    run_script("sft.py", *common, "--output-dir", tmp_path / "full", nproc=2)
+    run_script("sft.py", *common, "--output-dir", tmp_path / "split", "--max-steps", 3, nproc=2)
+    resumed = run_script("sft.py", *common, "--output-dir", tmp_path / "split", "--resume", nproc=2)
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    before = load_file(os.path.join(qwen2_5_vl, "model.safetensors"))
+    full = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    split = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
+    assert all(torch.equal(full[k], split[k]) for k in before)
+    merger = [k for k in before if ".merger." in k]
+    assert merger and all(not torch.equal(before[k], full[k]) for k in merger if k.endswith("weight"))
+    assert all(torch.equal(before[k], full[k]) for k in before if k not in merger)  # tower blocks and language
+
+
+def test_train_names_the_parts_and_refuses_what_a_model_lacks(qwen2_single, tmp_path):
+    bad = run_script("sft.py", "--model", qwen2_single, "--data", tmp_path / "d.jsonl", "--output-dir", tmp_path / "o",
+                     "--train", "language,eyes", check=False)
+    assert bad.returncode != 0 and "'language,eyes': expected a comma-separated choice of language, projector, " \
+        "vision" in bad.stderr
+    from tests.test_sft import write_data
+    write_data(tmp_path / "d.jsonl", 4)
+    text_model = run_script("sft.py", "--model", qwen2_single, "--data", tmp_path / "d.jsonl", "--output-dir",
+                            tmp_path / "o", "--train", "projector", "--global-batch-size", 2, check=False)
+    assert text_model.returncode != 0 and "error: --train projector: " in text_model.stderr \
+        and "has no such part" in text_model.stderr
+
+
 def test_sft_trains_the_vision_tower_when_ranks_micro_batches_differ_in_images(qwen2_5_vl, tmp_path):
     from training import step_indices
     _sum_records(tmp_path)  # writes d.jsonl: 2 image, 2 text, 2 reading examples
@@ -182,7 +216,7 @@ def test_sft_trains_the_vision_tower_when_ranks_micro_batches_differ_in_images(q
     # one example per micro-batch and rank: in some step one rank reads an image and the other does not
     assert any((i < 2 or i >= 4) != (j < 2 or j >= 4) for i, j in per_step)
     run_script("sft.py", "--model", qwen2_5_vl, "--data", tmp_path / "d.jsonl", "--output-dir", tmp_path / "o",
-               "--no-cot", "--train-vision", "--global-batch-size", 2, "--max-tokens-per-micro-batch", 1,
+               "--no-cot", "--train", "language,projector,vision", "--global-batch-size", 2, "--max-tokens-per-micro-batch", 1,
                "--epochs", 1, "--lr", 1e-3, "--save-every", 0, "--no-activation-checkpointing", nproc=2)
     before = load_file(os.path.join(qwen2_5_vl, "model.safetensors"))
     after = load_file(str(tmp_path / "o" / "model" / "model.safetensors"))
