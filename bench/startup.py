@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._report import print_table  # noqa: E402
 from data import write_records  # noqa: E402
-from data.synthetic import corpus, sums  # noqa: E402
+from data.synthetic import corpus, sum_records  # noqa: E402
 from tiny_models import build_qwen2, build_tokenizer  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main():
                    help="checkout whose stage scripts are timed (default: this one)")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="startup-")
-    data = sums(1024, seed=0)
+    data = sum_records(1024, 0, "text", work, "s")
     write_records(f"{work}/data.jsonl", data)
     tokenizer = build_tokenizer(f"{work}/model", corpus(data), think_token=False)
     build_qwen2(f"{work}/model", tokenizer, hidden_size=256, layers=4)

@@ -1,26 +1,40 @@
-"""The verifiable task of `make demo`: sums of three one-digit numbers, asked in three forms.
+"""The verifiable task of `make demo`: sums of three digits (0-9), asked in three forms.
 
-- "text": the question in words and digits ("What is 3 + 8 + 2?"), the form post-training sees;
+- "text": the question in words and digits ("What is 3 + 8 + 2?", or "3+8+2"), the form post-training sees;
 - "image": the sum drawn in an image, the text holding only the instruction (X-modality);
 - "word": a story about counting things (X-domain), never seen in post-training.
-A fourth form, "reading", asks for the image's expression itself: with direct answers in the other
-three it makes the "instruct" starting model, one that reads images and answers without reasoning. Questions are asked
-plainly, without the paper's prompt template: it would triple every sequence and teach a tiny model
-nothing (the answer format comes from the training targets).
+A fourth form, "reading", asks for the image's expression itself. "image" and "reading" also have a text
+form (`as_text`): the expression's characters stand where the image's tokens would, between the same
+vision markers ("<|vision_start|>3+8+2<|vision_end|>What is the value of the expression in the image?"),
+so a language model can learn those tasks from text before it ever sees an image.
 
-The chain of thought is written by a program, as a distilled trace would be: it restates the problem
-as an expression, then adds one term at a time.
+The 1,000 sums are split once: 400 "test" sums answer the demo's table, 200 "dev" sums choose its settings,
+and training draws from the other 400 only, so every reported item is a problem no stage trained on.
+
+With `trigger`, a question is wrapped in the paper's training prompt (App. C) as `data.prompts` lays it
+out, the instruction before an image: text and image questions then share the same reasoning trigger.
+The chain of thought is written by a program, as a distilled trace would be: it restates the problem as
+an expression, then adds one term at a time.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
+from data.prompts import user_messages
 from data.records import Record
 
 FORMS = ("text", "image", "word", "reading")
+SPLITS = {"test": 400, "dev": 200, "train": 400}  # sums per split, drawn once from all 1,000
 CELL = 28  # pixels per character: one merged 2x2 patch of Qwen2.5-VL's 14-pixel patches
-TEXT_QUESTIONS = ["What is {}?", "Compute {}.", "Add up {}.", "{} = ?", "Find the sum {}."]
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"  # Qwen2.5-VL's markers around an image
+# Many phrasings, the expression before, inside or after the words, spaced or not: a tiny model's reasoning
+# generalises across prompt shapes only as far as its training text varies (none speaks of an image).
+TEXT_QUESTIONS = ["What is {}?", "Compute {}.", "Add up {}.", "{} = ?", "Find the sum {}.", "{}. What is the total?",
+                  "Evaluate: {}", "{} equals what?", "Here is a sum: {}. Work it out.", "How much is {}?",
+                  "Please add {} for me.", "{}\nSolve this.", "Sum: {}", "Work out {}, please.",
+                  "{} is how much?", "Tell me the result of {}."]
 IMAGE_QUESTION = "What is the value of the expression in the image?"
 READING_QUESTION = "Write out the expression in the image."
 WORD_PROBLEMS = [
@@ -32,8 +46,18 @@ WORD_PROBLEMS = [
 NAMES = ["Ann", "Tom", "Mia", "Raj", "Lea", "Sam"]
 
 
-def expression(numbers: list[int]) -> str:
-    return " + ".join(map(str, numbers))
+def split_sums(split: str) -> list[tuple[int, ...]]:
+    """The sums of one split, in a fixed order (the same on every call and machine)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
+    every = list(itertools.product(range(10), repeat=3))
+    random.Random("sum-splits").shuffle(every)
+    start = sum(list(SPLITS.values())[:list(SPLITS).index(split)])
+    return every[start:start + SPLITS[split]]
+
+
+def expression(numbers, spaced: bool = True) -> str:
+    return (" + " if spaced else "+").join(map(str, numbers))
 
 
 def chain_of_thought(numbers: list[int]) -> str:
@@ -48,7 +72,7 @@ def draw_expression(numbers: list[int], path: str) -> None:
     """The expression in black on white, one character per 28x28 cell (digits, spaces dropped)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    text = expression(numbers).replace(" ", "")
+    text = expression(numbers, spaced=False)
     font = ImageFont.load_default(size=22)
     image = Image.new("RGB", (CELL * len(text), CELL), "white")
     draw = ImageDraw.Draw(image)
@@ -59,32 +83,46 @@ def draw_expression(numbers: list[int], path: str) -> None:
     image.save(path)
 
 
-def sum_records(n: int, seed: int, form: str, out_dir: str, prefix: str, terms: int = 3) -> list[Record]:
-    """n questions of one form; images are written to out_dir/images/ and named relative to out_dir
-    (where the records file goes). The target is the reasoning and answer; "reading" answers with the
-    expression and has no reasoning."""
+def sum_records(n: int, seed: int, form: str, out_dir: str, prefix: str, split: str = "train",
+                as_text: bool = False, trigger: bool = False) -> list[Record]:
+    """n questions of one form. "train" draws sums at random from its split; "dev" and "test" take their
+    split's sums in order, each once (cycling past the split's size). Images are written to
+    out_dir/images/ and named relative to out_dir (where the records file goes). The target is the
+    reasoning and answer; "reading" answers with the spaced expression and has no reasoning."""
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
-    rng = random.Random(f"{seed}-{form}")
+    if as_text and form not in ("image", "reading"):
+        raise ValueError(f"form {form!r} is text already; as_text applies to image and reading")
+    rng = random.Random(f"{seed}-{form}-{split}")
+    pool = split_sums(split)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
     for i in range(n):
-        numbers = [rng.randint(1, 9) for _ in range(terms)]
+        numbers = list(rng.choice(pool) if split == "train" else pool[i % len(pool)])
         record_id, answer, think = f"{prefix}{i}", str(sum(numbers)), chain_of_thought(numbers)
+        images = []
         if form in ("image", "reading"):
-            image = os.path.join("images", f"{record_id}.png")
-            draw_expression(numbers, os.path.join(out_dir, image))
             question = IMAGE_QUESTION if form == "image" else READING_QUESTION
-            content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
+            if as_text:
+                question = VISION_START + expression(numbers, spaced=False) + VISION_END + question
+            else:
+                images = [os.path.join("images", f"{record_id}.png")]
+                draw_expression(numbers, os.path.join(out_dir, images[0]))
         elif form == "text":
-            content = rng.choice(TEXT_QUESTIONS).format(expression(numbers))
+            question = rng.choice(TEXT_QUESTIONS).format(expression(numbers, spaced=rng.random() < 0.5))
         else:
-            content = rng.choice(WORD_PROBLEMS).format(*numbers, name=rng.choice(NAMES))
-        messages = [{"role": "user", "content": content}]
+            question = rng.choice(WORD_PROBLEMS).format(*numbers, name=rng.choice(NAMES))
+        if trigger:
+            messages = user_messages(question, images=images)
+        elif images:
+            messages = [{"role": "user", "content": [{"type": "image", "image": images[0]},
+                                                     {"type": "text", "text": question}]}]
+        else:
+            messages = [{"role": "user", "content": question}]
         if form == "reading":
             answer, think = expression(numbers), None
         records.append(Record(id=record_id, messages=messages, answer=answer, target_think=think,
-                              target_answer=answer, meta={"form": form, "numbers": numbers}))
+                              target_answer=answer, meta={"form": form, "numbers": numbers, "as_text": as_text}))
     return records
 
 

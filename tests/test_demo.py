@@ -3,12 +3,14 @@ import json
 import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import demo
 from data import grade, load_records, write_records
 from data.prompts import assistant_target
-from data.synthetic import CELL, sum_records
+from data.prompts import TRAIN_TEMPLATE
+from data.synthetic import CELL, FORMS, SPLITS, corpus, split_sums, sum_records
 
 
 def _question(record) -> str:
@@ -36,6 +38,45 @@ def test_every_form_asks_the_same_kind_of_sum_and_the_chain_of_thought_is_correc
     assert all(r.target_think is None and r.answer == " + ".join(map(str, r.meta["numbers"])) for r in reading)
 
 
+def test_the_splits_are_disjoint_and_training_never_draws_a_test_or_dev_sum(tmp_path):
+    splits = {name: split_sums(name) for name in SPLITS}
+    assert {name: len(set(sums)) for name, sums in splits.items()} == {"test": 400, "dev": 200, "train": 400}
+    assert len(set().union(*map(set, splits.values()))) == 1000
+    assert split_sums("test") == splits["test"]  # the same order on every call
+    held_out = set(splits["test"]) | set(splits["dev"])
+    for form in FORMS:
+        assert not {tuple(r.meta["numbers"]) for r in sum_records(300, 7, form, str(tmp_path), form)} & held_out
+    test = sum_records(400, 7, "text", str(tmp_path), "t", split="test")
+    assert [tuple(r.meta["numbers"]) for r in test] == splits["test"]  # each test sum once
+
+
+def test_image_tasks_in_text_form_put_the_characters_where_the_image_tokens_go(tmp_path):
+    from tiny_models import build_tokenizer
+    (image,) = sum_records(1, 3, "image", str(tmp_path), "i", trigger=True)
+    (as_text,) = sum_records(1, 3, "image", str(tmp_path), "i", as_text=True, trigger=True)
+    assert image.meta["numbers"] == as_text.meta["numbers"]
+    tokenizer = build_tokenizer(str(tmp_path / "tok"), corpus([image, as_text]), think_token=False)
+    prompt_of = lambda r: tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)  # noqa
+    a, b = tokenizer.encode(prompt_of(image)), tokenizer.encode(prompt_of(as_text))
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    at = a.index(pad)
+    # the same prompt, token for token, but for the image's one placeholder: its 5 characters in the text form
+    assert a[:at] == b[:at] and a[at + 1:] == b[at + 5:]
+    assert tokenizer.decode(b[at:at + 5]) == "+".join(map(str, image.meta["numbers"]))
+    # the trigger is the paper's training prompt, before the image and around the text question alike
+    assert prompt_of(image).count("You will solve a problem/request.") == 1
+    (text,) = sum_records(1, 3, "text", str(tmp_path), "t", trigger=True)
+    assert text.messages[0]["content"].startswith(TRAIN_TEMPLATE.split("{question}")[0])
+    with pytest.raises(ValueError, match="as_text applies to image and reading"):
+        sum_records(1, 3, "word", str(tmp_path), "w", as_text=True)
+
+
+def test_wilson_intervals_match_hand_computed_values():
+    assert demo.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert demo.wilson(200, 400) == pytest.approx((0.4512, 0.5488), abs=1e-4)
+    assert demo.wilson(400, 400) == pytest.approx((0.9905, 1.0), abs=1e-4)
+
+
 def test_the_image_draws_one_character_per_merged_patch(tmp_path):
     (record,) = sum_records(1, 2, "image", str(tmp_path), "i")
     write_records(str(tmp_path / "d.jsonl"), [record])
@@ -48,23 +89,38 @@ def test_the_image_draws_one_character_per_merged_patch(tmp_path):
     assert (image[:, :2] > 200).all() and (image[:, -2:] > 200).all()  # glyphs inside their cells
 
 
-def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path):
-    demo.main(["--quick", "--output-dir", str(tmp_path)])
+def _numbers(path) -> set:
+    return {tuple(r.meta["numbers"]) for r in load_records(str(path))}
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["built-language-model-first", "control"])
+def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
+    demo.main(["--quick", "--output-dir", str(tmp_path)] + (["--control"] if control else []))
     with open(tmp_path / "results.json") as fh:
         results = json.load(fh)
+    assert results["control"] is control and results["split"] == "test"
     assert [s["stage"] for s in results["stages"]] == ["0. instruct", "1. + CoT SFT (text)", "2. + GRPO (text)"]
     for row in results["stages"]:
         for form in ("text", "image", "word", "reading"):
-            assert 0.0 <= row[form] <= 1.0
+            cell = row[form]
+            assert cell["n"] == 8 and cell["interval"] == pytest.approx(list(demo.wilson(cell["accuracy"] * 8, 8)))
         assert row["seconds"] > 0
+    assert set(results["transfer"]) == {"text", "image", "word", "reading"}
     table = (tmp_path / "results.md").read_text()
-    assert "| image (X-modality) |" in table and "| 2. + GRPO (text) |" in table
-    for path in ("instruct/model/model.safetensors", "sft/model/model.safetensors", "grpo/model/model.safetensors",
-                 "grpo/metrics.jsonl", "eval/grpo/eval_image.jsonl", "eval/instruct/eval_reading.summary.json"):
+    assert "| image (X-modality) |" in table and "| 2. + GRPO (text) |" in table and "Above stage 0's interval" in table
+    stage0 = ["instruct"] if control else ["lm", "instruct"]
+    for path in [f"{name}/model/model.safetensors" for name in stage0 + ["sft", "grpo"]] + [
+            "grpo/metrics.jsonl", "eval/grpo/eval_image.jsonl", "eval/instruct/eval_reading.summary.json"]:
         assert (tmp_path / path).exists(), path
-    # the instruct stage trained on images; the later stages on text only
-    assert any(isinstance(m["content"], list) for r in load_records(str(tmp_path / "data" / "instruct.jsonl"))
-               for m in r.messages)
+    assert (tmp_path / "lm").exists() is not control
+    data = tmp_path / "data"
+    has_image = lambda name: any(isinstance(m["content"], list)  # noqa: E731
+                                 for r in load_records(str(data / f"{name}.jsonl")) for m in r.messages)
+    # 0a text only, 0b (or the control's one step) images; stages 1-2 text only, and no text made from an image
+    assert not has_image("pretrain") and has_image("align") and has_image("control")
     for name in ("cot", "rl"):
-        assert all(isinstance(m["content"], str) for r in load_records(str(tmp_path / "data" / f"{name}.jsonl"))
-                   for m in r.messages)
+        assert not has_image(name) and "vision_start" not in (data / f"{name}.jsonl").read_text()
+    # no stage trains on a sum that is evaluated
+    evaluated = set().union(*(_numbers(data / f"eval_{form}.jsonl") for form in FORMS))
+    for name in ("pretrain", "align", "control", "cot", "rl"):
+        assert not _numbers(data / f"{name}.jsonl") & evaluated, name
