@@ -8,7 +8,7 @@ venv:
 test: venv
 	$(PY) -m pytest -q tests
 
-# The paper's claim in miniature on CPU (about 10 minutes on 2 cores); results in runs/demo/.
+# The paper's claim in miniature on CPU (about 14 minutes on 2 cores); results in runs/demo/.
 demo: venv
 	$(PY) demo.py
 

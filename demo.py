@@ -40,8 +40,8 @@ from tiny_models import build_qwen2_5_vl, build_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-FULL = dict(pretrain=768, pretrain_epochs=2, align_reading=1536, align_image=1024, align_epochs=4, cot_examples=2048,
-            cot_epochs=2, cot_lr=3e-4, rl_prompts=1024, grpo_steps=30, eval_items=400, hidden=256, layers=4)
+FULL = dict(pretrain=768, pretrain_epochs=2, align_reading=1536, align_image=1024, align_epochs=4, cot_examples=2560,
+            cot_epochs=2, cot_lr=2e-4, rl_prompts=1024, grpo_steps=24, eval_items=400, hidden=256, layers=4)
 QUICK = dict(pretrain=16, pretrain_epochs=1, align_reading=16, align_image=16, align_epochs=1, cot_examples=64,
              cot_epochs=1, cot_lr=2e-4, rl_prompts=32, grpo_steps=2, eval_items=8, hidden=128, layers=2)
 COLUMNS = [("text", "text (in domain)"), ("image", "image (X-modality)"), ("word", "word problems (X-domain)"),
@@ -136,24 +136,30 @@ def write_data(cfg: dict, seed: int, data_dir: str, split: str) -> None:
         write_records(f"{data_dir}/{name}.jsonl", records)
         return records
 
+    def direct(n, seed, form, prefix, **kwargs):
+        """Direct answers, half of the questions in the paper's prompt: the instruct model follows it without
+        reasoning (Qwen2.5-VL-Instruct answers it too), so every stage is evaluated on a prompt it knows."""
+        return sum_records(n // 2, seed, form, data_dir, prefix, **kwargs) + \
+            sum_records(n - n // 2, seed + 100, form, data_dir, f"{prefix}t", trigger=True, **kwargs)
+
     # 0a: text only. Direct answers to text and word questions, and the image tasks in their text form.
-    pretrain = [r for form in ("text", "word") for r in sum_records(cfg["pretrain"], seed, form, data_dir, f"p{form}")]
-    pretrain += [r for form in ("image", "reading")
-                 for r in sum_records(cfg["pretrain"], seed, form, data_dir, f"p{form}", as_text=True)]
+    pretrain = [r for form in ("text", "word") for r in direct(cfg["pretrain"], seed, form, f"p{form}")]
+    pretrain += direct(cfg["pretrain"], seed, "image", "pimage", as_text=True)
+    pretrain += sum_records(cfg["pretrain"], seed, "reading", data_dir, "preading", as_text=True)
     write("pretrain", pretrain)
     # 0b: images, read and answered directly (the language model frozen). --control: 0a and 0b in one step.
     align = write("align", sum_records(cfg["align_reading"], seed + 1, "reading", data_dir, "ar") +
-                  sum_records(cfg["align_image"], seed + 1, "image", data_dir, "ai"))
-    write("control", [r for form in ("text", "word", "image")
-                      for r in sum_records(cfg["pretrain"], seed + 2, form, data_dir, f"c{form}")] +
+                  direct(cfg["align_image"], seed + 1, "image", "ai"))
+    write("control", [r for form in ("text", "word", "image") for r in direct(cfg["pretrain"], seed + 2, form,
+                                                                              f"c{form}")] +
           sum_records(cfg["align_reading"], seed + 2, "reading", data_dir, "cread"))
     # 1-2: text only, the reasoning trigger on every question
     cot = write("cot", sum_records(cfg["cot_examples"], seed + 3, "text", data_dir, "cot", trigger=True))
     write("rl", sum_records(cfg["rl_prompts"], seed + 4, "text", data_dir, "rl", trigger=True))
     for form, _ in COLUMNS:
         # the sums are asked with the trigger; reading probes the skill as it was trained, without it
-        write(f"eval_{form}", sum_records(min(cfg["eval_items"], SPLITS[split]), seed + 5, form, data_dir, f"eval{form}", split=split,
-                                          trigger=form != "reading"))
+        write(f"eval_{form}", sum_records(min(cfg["eval_items"], SPLITS[split]), seed + 5, form, data_dir,
+                                          f"eval{form}", split=split, trigger=form != "reading"))
     build_tokenizer(os.path.join(os.path.dirname(data_dir), "init"), corpus(pretrain + align + cot),
                     think_token=False)
 
