@@ -48,13 +48,14 @@ def on_gpu() -> bool:
 def make_llm(model: str, *, max_model_len: int, seed: int = 0, tensor_parallel_size: int = 1,
              gpu_memory_utilization: float = 0.85, max_num_seqs: int | None = None, in_process: bool = False,
              kv_cache_gib: float = 1.0, external_launcher: bool = False, enable_sleep_mode: bool = False,
-             exit_ids: list[int] | None = None, forced_exit: bool = True, **kwargs):
-    """A vLLM LLM with ForcedExitLogitsProcessor (forced_exit=False: a plain engine, for comparisons).
-    Close it with shutdown_llm.
+             exit_ids: list[int] | None = None, **kwargs):
+    """A vLLM LLM; close it with shutdown_llm.
 
     in_process: keep the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which
         in-place weight reloads need. external_launcher: one engine per torchrun rank (GRPO).
-    exit_ids: if given, a start-up check that the processor forces them.
+    exit_ids: the thinking budget's exit text. Only then is ForcedExitLogitsProcessor registered (and
+        checked at start-up): a registered processor makes the V1 runner copy logits to the host before
+        every sampling step, which costs async scheduling over a whole rollout.
     """
     if _open_engines:
         raise RuntimeError(f"a vLLM engine is still open ({_open_engines[0].llm_engine.vllm_config.model_config.model});"
@@ -69,7 +70,7 @@ def make_llm(model: str, *, max_model_len: int, seed: int = 0, tensor_parallel_s
 
     from forced_exit import ForcedExitLogitsProcessor
     options = dict(model=model, max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size,
-                   logits_processors=[ForcedExitLogitsProcessor] if forced_exit else None, **kwargs)
+                   logits_processors=[ForcedExitLogitsProcessor] if exit_ids else None, **kwargs)
     if max_num_seqs is not None:
         options["max_num_seqs"] = max_num_seqs
     if external_launcher:
@@ -92,7 +93,7 @@ def make_llm(model: str, *, max_model_len: int, seed: int = 0, tensor_parallel_s
                                "by make_llm) and the v1 logits-processor interface of vllm 0.32.") from exc
         raise
     _open_engines.append(llm)
-    if exit_ids and forced_exit:
+    if exit_ids:
         try:
             check_forced_exit(llm, exit_ids)
         except Exception:
@@ -110,15 +111,22 @@ def shutdown_llm(llm) -> None:
 
 
 def check_forced_exit(llm, exit_ids: list[int]) -> None:
-    """Fail loudly if the engine does not apply the forced-exit processor."""
+    """Fail loudly if the engine does not apply the forced-exit processor.
+
+    Two greedy requests with the same prompt and a budget of 0, one forced to emit the exit ids and one a
+    different sequence of the same length: without the processor a greedy engine gives both the same
+    tokens, whatever its weights, so only an applied processor passes."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1 + len(exit_ids), temperature=0.0, ignore_eos=True,
-                            extra_args={"think_budget": 1, "think_exit_ids": list(exit_ids)})
-    out = llm.generate([{"prompt_token_ids": [exit_ids[0]] * 4}], params, use_tqdm=False)[0].outputs[0]
-    if list(out.token_ids[1:]) != list(exit_ids):
+    other_ids = [t - 1 if t > 0 else t + 1 for t in exit_ids]
+    params = [SamplingParams(max_tokens=len(ids), temperature=0.0, ignore_eos=True,
+                             extra_args={"think_budget": 0, "think_exit_ids": list(ids)})
+              for ids in (exit_ids, other_ids)]
+    prompt = {"prompt_token_ids": [exit_ids[0]] * 4}
+    outputs = [list(r.outputs[0].token_ids) for r in llm.generate([prompt, prompt], params, use_tqdm=False)]
+    if outputs != [list(exit_ids), other_ids]:
         raise RuntimeError("vLLM did not apply ForcedExitLogitsProcessor: the thinking budget would be silently "
-                           f"ignored (expected {exit_ids} after 1 token, got {list(out.token_ids)})")
+                           f"ignored (forced {list(exit_ids)} and {other_ids} at budget 0, got {outputs})")
 
 
 def budget_args(budget: int | None, exit_ids: list[int], close_ids: list[int] | None = None) -> dict:

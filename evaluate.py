@@ -124,8 +124,8 @@ class VLLMBackend:
         from engine import make_llm
         images = {"limit_mm_per_prompt": {"image": 8}} if args.multimodal else {}
         self.llm = make_llm(args.model, max_model_len=args.max_model_len, seed=args.seed,
-                            tensor_parallel_size=args.tensor_parallel_size, exit_ids=exit_ids,
-                            trust_remote_code=args.trust_remote_code, **images)
+                            tensor_parallel_size=args.tensor_parallel_size,
+                            exit_ids=None if args.no_forced_exit else exit_ids, trust_remote_code=args.trust_remote_code, **images)
         self.tokenizer = self.llm.get_tokenizer()
         self.args = args
 

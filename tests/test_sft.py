@@ -177,7 +177,7 @@ def test_exported_model_loads_in_transformers_and_vllm(qwen2_single, tmp_path, v
     tok = AutoTokenizer.from_pretrained(exported)
     ids = tok("hello", return_tensors="pt").input_ids
     hf = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
-    out = vllm_engine(exported, with_processor=False).generate(
+    out = vllm_engine(exported).generate(
         [{"prompt_token_ids": ids[0].tolist()}], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
         use_tqdm=False)
     assert list(out[0].outputs[0].token_ids) == hf

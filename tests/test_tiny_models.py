@@ -61,7 +61,7 @@ def test_qwen2_5_vl_generates_with_an_image(qwen2_5_vl, tmp_path):
 def test_qwen2_generates_in_vllm_cpu(qwen2_single, vllm_engine):
     from vllm import SamplingParams
 
-    llm = vllm_engine(qwen2_single, with_processor=False)
+    llm = vllm_engine(qwen2_single)
     out = llm.generate(["hello world"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 12
