@@ -22,7 +22,7 @@ from collections import Counter
 
 from data import Record, add_data_arguments, extract_answer, grade_many, load_records
 from data.grading import start_grading_workers
-from data.records import open_for_append, write_jsonl_line
+from data.records import open_for_append, run_script, write_jsonl_line
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 
 
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--shard", default="0/1", help="i/n: process the questions whose id hashes to shard i of n")
     p.add_argument("--limit", type=int, help="only the first N questions (before sharding)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism")
-    p.add_argument("--max-model-len", type=int, default=10240, help="vLLM context length (prompt + trace)")
+    p.add_argument("--max-model-len", type=int,
+                   help="vLLM context length, prompt + trace (default: 10,240, or the model's maximum if smaller)")
     p.add_argument("--chunk-size", type=int, default=512, help="questions sampled (and saved) per chunk")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
@@ -102,15 +103,19 @@ def main(argv=None):
           f"{args.shard}, {len(questions) - len(todo)} already done, {len(todo)} to sample")
 
     from transformers import AutoTokenizer
-    from engine import make_llm, shutdown_llm
+    from engine import ContextLengthError, context_length, make_llm, shutdown_llm
     tokenizer = AutoTokenizer.from_pretrained(args.teacher, trust_remote_code=args.trust_remote_code)
     exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
     teacher = os.path.basename(os.path.normpath(args.teacher))
     if todo:
         start_grading_workers()  # they import math-verify while the teacher loads
-    llm = make_llm(args.teacher, max_model_len=args.max_model_len, seed=args.seed,
-                   tensor_parallel_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code,
-                   exit_ids=exit_ids if args.think_budget is not None else None) if todo else None
+    args.max_model_len = context_length(args.teacher, args.max_model_len, 10240, args.trust_remote_code)
+    try:
+        llm = make_llm(args.teacher, max_model_len=args.max_model_len, seed=args.seed,
+                       tensor_parallel_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code,
+                       exit_ids=exit_ids if args.think_budget is not None else None) if todo else None
+    except ContextLengthError as exc:
+        raise SystemExit(f"error: --max-model-len: {exc}") from None
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     try:
@@ -183,4 +188,4 @@ def summarize(progress_rows: list[dict], skipped_no_answer: int, samples: int) -
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

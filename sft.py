@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import add_data_arguments, assistant_target, load_records
+from data import add_data_arguments, assistant_target, load_records, run_script
 from data.prompts import image_refs
 from engine import expand_image_pads, image_token_counts, images_of, open_image
 from packing import micro_batches, pack, target_logprobs
@@ -251,5 +251,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
     exit_without_teardown()

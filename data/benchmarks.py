@@ -42,13 +42,18 @@ def _image(value, base_dir: str):
     from PIL import Image
 
     if value is None:
-        return None
+        raise ValueError("no image (every item of this benchmark has one)")
     if hasattr(value, "convert"):
         return value.convert("RGB")
     if isinstance(value, dict):
         if value.get("bytes"):
             return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
         value = value.get("path")
+        if not value:
+            raise ValueError("an image field holds neither bytes nor a path")
+    if not isinstance(value, str):
+        raise ValueError(f"an image field holds {type(value).__name__}: expected a file name, a path, "
+                         "an image or a {\"bytes\", \"path\"} dict")
     path = value if os.path.isabs(value) else os.path.join(base_dir, value)
     if not os.path.exists(path):
         raise ValueError(f"image not found: {path} (set the folder images are relative to with --image-root)")
@@ -85,6 +90,9 @@ def _mmmu(row, base_dir):
     # "C: <image 3>" means something to the model; images that no marker names come last.
     named = [int(n) for n in re.findall(r"<image (\d+)>", row["question"] + " " + " ".join(options.values()))]
     order = list(dict.fromkeys(named + list(range(1, 8))))
+    missing = [n for n in dict.fromkeys(named) if row.get(f"image_{n}") is None]
+    if missing:
+        raise ValueError(f"the question or options name <image {missing[0]}> but the row has no image_{missing[0]}")
     order = [n for n in order if row.get(f"image_{n}") is not None]
     images = [_image(row[f"image_{n}"], base_dir) for n in order]
     meta = {"subject": row.get("subject") or row["id"].split("_", 1)[-1].rsplit("_", 1)[0]}
@@ -100,7 +108,10 @@ def _mmmu(row, base_dir):
 def _mathvista(row, base_dir):
     images = [_image(row.get("decoded_image") or row.get("image"), base_dir)]
     # `query` is the question with the benchmark's own answer-format hint (precision, unit, option letters)
-    question = row.get("query") or row["question"]
+    if not row.get("query"):
+        raise ValueError("no `query` (MathVista's question with its answer-format hint, in testmini.json and "
+                         "on the hub)")
+    question = row["query"]
     if row["question_type"] == "multi_choice":
         options = {LETTERS[i]: str(c) for i, c in enumerate(row["choices"])}
         answer = next((k for k, v in options.items() if v == str(row["answer"])), None)
@@ -132,6 +143,9 @@ def _mmstar(row, base_dir):
 
 def _medxpertqa(row, base_dir):
     question = row["question"].split("Answer Choices:")[0].strip()
+    if not row.get("images") or not isinstance(row["images"], list):
+        raise ValueError("`images` must list the item's images (the repository's file names, or the hub's "
+                         f"image objects), got {row.get('images')!r}")
     images = [_image(name, base_dir) for name in row["images"]]
     return _choice_record(row["id"], question, dict(row["options"]), str(row["label"]).strip(), images)
 

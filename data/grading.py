@@ -24,8 +24,16 @@ _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "math_worker.
 _ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.S)
 _ANSWER_IS = re.compile(r"answer is\s*:?\s*([^\n]+)", re.I)
 _LATEX_WRAPPERS = re.compile(r"\\(?:boxed|text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
-_LETTER = re.compile(r"^(?i:option\s+)?\(?([A-Z])\)?(?=$|[\s.:)\]])")
+# A label that cannot be a word of a sentence: "(B)", "B)", "B:", "Option B", "B" alone (then what follows
+# is an explanation); "B." or "B " followed by text is a label only when that text is option B's own
+# ("C. difficile toxin" and "A patient with ..." are not answers C and A).
 _BARE_LABEL = re.compile(r"^(?i:option\s+)?\(?([A-Z])\)?[.:]?$")
+_LABEL_THEN_ANYTHING = re.compile(r"^(?:(?i:option)\s+([A-Z])\b[.:)]?|\(([A-Z])\)|([A-Z])[:)])\s*")
+_LABEL_THEN_TEXT = re.compile(r"^([A-Z])[.\s]\s*(.+)$", re.S)
+_MATHEMATICAL = re.compile(r"\d|\\[A-Za-z]")
+# a number, optionally after "x =" and before a unit: the forms a stated precision applies to
+_NUMBER_IN_FORM = re.compile(r"^(?:[A-Za-z](?:_\{?\w+\}?)?\s*=\s*)?([-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+))\s*"
+                             r"(?:[A-Za-z]{1,5}(?:\^\{?\d\}?)?|\^\{?\\circ\}?|\\circ|°|\\?%)?$")
 
 
 def last_boxed(text: str) -> str | None:
@@ -72,41 +80,67 @@ def normalise_answer(text: str) -> str:
     return re.sub(r"\s+", "", text).rstrip(".")
 
 
-def _plain(text: str) -> str:
-    return " ".join(text.split()).lower().rstrip(".").strip()
+def _unwrapped(text: str) -> str:
+    """text without the LaTeX wrappers and dollar signs an answer or an option may come in."""
+    for _ in range(3):  # \boxed{\text{B}} and the like
+        text = _LATEX_WRAPPERS.sub(r"\1", text).strip().strip("$").strip()
+    return text
+
+
+def _option_form(text: str) -> str:
+    """The form in which predictions and option texts are compared: unwrapped, spaces collapsed, no final
+    period (20 of 198 GPQA options end in one)."""
+    return " ".join(_unwrapped(text).split()).rstrip(".").strip()
+
+
+def _the_one(letters: list[str]) -> str | None:
+    return letters[0] if len(set(letters)) == 1 else None
 
 
 def choice_letter(prediction: str, options: dict[str, str]) -> str | None:
-    """The option a prediction names. A bare label (`B`, `(B)`, `B.`, `Option B`, `\\boxed{B}`) wins, since
-    option texts can themselves be letters (MedXpertQA, MMMU-Pro); then the exact text of an option; then
-    a label followed by text (`B: No`, `C. Herpes ...`)."""
-    text = prediction.strip()
-    for _ in range(3):  # \boxed{\text{B}} and the like
-        text = _LATEX_WRAPPERS.sub(r"\1", text).strip().strip("$").strip()
+    """The option a prediction names, or None. A bare label (`B`, `(B)`, `B.`, `Option B`, `\\boxed{B}`)
+    wins, since option texts can themselves be letters (MedXpertQA, MMMU-Pro); then an option's exact text,
+    then its text up to case where that picks one option (genetics' `XAXa`, `XAXA`, `XaXa`); then a label
+    before text (`B: No`, `(B) because`, and `C. Herpes ...` where that is option C's text)."""
+    text = _option_form(prediction)
     bare = _BARE_LABEL.match(text if len(text) > 1 else text.upper())
     if bare and bare.group(1) in options:
         return bare.group(1)
-    by_text = {_plain(v): k for k, v in options.items()}
-    if _plain(text) in by_text:
-        return by_text[_plain(text)]
-    match = _LETTER.match(text)
-    if match and match.group(1) in options:
-        return match.group(1)
+    forms = {letter: _option_form(str(option)) for letter, option in options.items()}
+    exact = _the_one([letter for letter, form in forms.items() if form == text])
+    if exact:
+        return exact
+    folded = _the_one([letter for letter, form in forms.items() if form.casefold() == text.casefold()])
+    if folded:
+        return folded
+    label = _LABEL_THEN_ANYTHING.match(text)
+    if label:
+        letter = next(g for g in label.groups() if g)
+        return letter if letter in options else None
+    label = _LABEL_THEN_TEXT.match(text)
+    if label and label.group(1) in options:
+        said, own = label.group(2).casefold(), forms[label.group(1)].casefold()
+        if own and (said == own or said.startswith(own + " ") or said.startswith(own + ",")
+                    or (own.startswith(said) and len(said) >= 3)):
+            return label.group(1)
     return None
 
 
-def grade_choice(prediction: str | None, answer: str, options: dict[str, str]) -> float:
-    if prediction is None:
-        return 0.0
-    return float(choice_letter(prediction, options) == answer.strip().upper())
+def looks_mathematical(text: str) -> bool:
+    """Holds a digit or a LaTeX command: an option whose value, not only its text, can be answered."""
+    return bool(_MATHEMATICAL.search(text))
 
 
 def grade_at_precision(prediction: str, answer: str, decimals: int) -> float | None:
     """1.0/0.0 for a number graded at a stated precision (MathVista's `precision`: the prediction rounded
-    to that many decimals); None when either side is not a plain number."""
+    to that many decimals), in any of its forms (`\\boxed{1.24}`, `x = 1.21`, `1.21 cm`); None when either
+    side is not a number."""
+    number = _NUMBER_IN_FORM.match(" ".join(_unwrapped(prediction).split()))
     try:
-        predicted, gold = float(prediction.replace(",", "").strip().strip("$")), float(answer)
+        predicted, gold = float(number.group(1).replace(",", "")) if number else None, float(answer)
     except ValueError:
+        return None
+    if predicted is None:
         return None
     return float(round(predicted, decimals) == round(gold, decimals))
 
@@ -213,13 +247,21 @@ def grade_many(responses: list[str | None], answers: list, options: list[dict | 
     options = options if options is not None else [None] * len(responses)
     precisions = precisions if precisions is not None else [None] * len(responses)
     scores = [0.0] * len(responses)
-    math_jobs, math_slots = [], []
+    math_jobs, math_slots = [], []  # (prediction, gold) pairs for the workers; (item, option letter or None)
     for i, (response, answer, opts, decimals) in enumerate(zip(responses, answers, options, precisions)):
         prediction = extract_answer(response)
         if prediction is None:
             continue
         if opts:  # the label is read before any length limit: "B: <a long option text>" is still B
-            scores[i] = grade_choice(prediction, answer, opts)
+            letter = choice_letter(prediction, opts)
+            if letter is None and looks_mathematical(prediction) and len(prediction) <= MAX_ANSWER_CHARS:
+                # "24" for the option "$2 \cdot 4 \cdot 3$": counted below if exactly one option equals it
+                for letter, option in opts.items():
+                    if looks_mathematical(str(option)):
+                        math_jobs.append((prediction, _option_form(str(option))))
+                        math_slots.append((i, letter))
+            else:
+                scores[i] = float(letter == answer.strip().upper())
             continue
         if len(prediction) > MAX_ANSWER_CHARS:
             continue
@@ -233,10 +275,16 @@ def grade_many(responses: list[str | None], answers: list, options: list[dict | 
                 scores[i] = 1.0
             else:
                 math_jobs.append((prediction, gold))
-                math_slots.append(i)
+                math_slots.append((i, None))
     if math_jobs:
-        for i, score in zip(math_slots, start_grading_workers(workers, timeout).grade(math_jobs)):
-            scores[i] = max(scores[i], score)
+        equal_options: dict[int, list[str]] = {}
+        for (i, letter), score in zip(math_slots, start_grading_workers(workers, timeout).grade(math_jobs)):
+            if letter is None:
+                scores[i] = max(scores[i], score)
+            elif score == 1.0:
+                equal_options.setdefault(i, []).append(letter)
+        for i, letters in equal_options.items():
+            scores[i] = float(len(letters) == 1 and letters[0] == answers[i].strip().upper())
     return scores
 
 

@@ -191,7 +191,8 @@ def is_file_spec(data: str) -> bool:
 
 
 def read_rows(path: str) -> list:
-    """Rows of a local (or fsspec URL) JSON list, JSONL or Parquet file."""
+    """Rows of a local (or fsspec URL) file: a JSON list, a JSON object of rows keyed by id, JSONL or
+    Parquet."""
     if path.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
         try:
@@ -210,6 +211,13 @@ def read_rows(path: str) -> list:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if stripped.startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSONL, read below
+        if isinstance(whole, dict) and whole and all(isinstance(v, dict) for v in whole.values()):
+            return list(whole.values())  # one object of rows keyed by id (MathVista's testmini.json)
     rows = []
     for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():

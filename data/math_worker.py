@@ -17,8 +17,10 @@ import sys
 # An equation counts as an answer only when its left side is one variable (x = 3 for gold 3):
 # math-verify otherwise matches the right side of any equation (x^2 + 2py = 0 "equals" 0).
 _ASSIGNMENT = re.compile(r"^\s*(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*=(?!=)")
-# A ratio ("2:1") is compared term by term: math-verify reads it as its first term alone.
-_RATIO = re.compile(r"^[^:{}\\]+(?::[^:{}\\]+)+$")
+# A ratio ("2:1") is compared term by term, whatever wraps it (\boxed{4:1}, \text{4:1}, $4:1$): math-verify
+# reads one as its first term alone, or as a quotient, so that "\frac{14}{3}:1" would equal "\frac{14}{3}".
+_WRAPPED = re.compile(r"^\\(?:boxed|text|textbf|mathrm|mbox|displaystyle)\s*\{(.*)\}$", re.S)
+_OPENING, _CLOSING = "{([", "})]"
 
 
 def _parse(text: str, timeout: float) -> list:
@@ -34,12 +36,44 @@ def _verify(prediction: str, answer: str, timeout: float) -> bool:
     return bool(gold and pred and verify(gold, pred, timeout_seconds=max(1, int(timeout / 2.5))))
 
 
+def _depths(text: str):
+    depth = 0
+    for char in text:
+        depth += (char in _OPENING) - (char in _CLOSING)
+        yield char, depth
+
+
+def _unwrapped(text: str) -> str:
+    """text without the dollar signs and whole-answer wrappers (\\boxed{...}, \\text{...}) around it."""
+    while True:
+        inner = text.strip().strip("$").strip()
+        wrapped = _WRAPPED.match(inner)
+        if wrapped and all(depth >= 0 for _, depth in _depths(wrapped.group(1))):
+            inner = wrapped.group(1).strip()
+        if inner == text:
+            return text
+        text = inner
+
+
+def _ratio_terms(text: str) -> list[str] | None:
+    """The terms of a ratio written with colons outside any brackets ("\\frac{14}{3}:1"), or None."""
+    terms, start = [], 0
+    for i, (char, depth) in enumerate(_depths(text)):
+        if char == ":" and depth == 0:
+            terms.append(text[start:i].strip())
+            start = i + 1
+    if not terms:
+        return None
+    terms.append(text[start:].strip())
+    return terms if all(terms) else None
+
+
 def math_equivalent(prediction: str, answer: str, timeout: float) -> bool:
     """math-verify equivalence of a predicted and a gold answer string."""
     if "=" in prediction and "=" not in answer and not _ASSIGNMENT.match(prediction):
         return False
-    terms = lambda text: [t.strip() for t in text.split(":")] if _RATIO.match(text.strip()) else [text]  # noqa: E731
-    predicted, gold = terms(prediction), terms(answer)
+    predicted = _ratio_terms(_unwrapped(prediction)) or [prediction]
+    gold = _ratio_terms(_unwrapped(answer)) or [answer]
     return len(predicted) == len(gold) and all(_verify(p, g, timeout) for p, g in zip(predicted, gold))
 
 

@@ -11,6 +11,15 @@ class DataError(ValueError):
     """Bad input data; the message names the file (or hub id) and the row."""
 
 
+def run_script(main) -> None:
+    """A script's entry point: bad input data ends in one line naming the file and the row, not a
+    traceback (a traceback points at this project's code, where nothing is to be fixed)."""
+    try:
+        main()
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 @dataclass
 class Record:
     """One question, ready for any stage.

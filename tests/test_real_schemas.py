@@ -2,7 +2,11 @@
 letters as option texts, nested option lists, image options, answer-format hints, list golds, options
 already in the question, five-option MedQA, image roots, damaged golds. Rows are written here."""
 import json
+import os
+import re
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -165,3 +169,184 @@ def test_damaged_golds_and_skipped_rows_are_counted_and_named(qwen2_single, tmp_
     (summary,) = evaluate.main(common + ["--output-dir", str(tmp_path / "b"), "--skip-bad-rows"])
     assert summary["n"] == 2 and summary["skipped_rows"] == 1 and "row 2: missing field 'answer'" in summary["skipped"][0]
     assert summary["n_damaged_golds"] == 1 and summary["damaged_golds"] == ["damaged"]
+
+
+# --- the classes of real rows that graded or loaded wrongly (issue: grading and benchmark files) ----------
+
+@pytest.mark.parametrize("prediction, gold, expected", [
+    ("\\frac{14}{3}:1", "\\frac{14}{3}", 0), ("\\frac{7}{2}:1", "\\frac{7}{2}", 0), ("\\sqrt{2}:1", "\\sqrt{2}", 0),
+    ("4:1", "4", 0), ("\\boxed{4:1}", "\\frac{4}{1}", 0),  # a ratio equals only a ratio
+    ("\\boxed{4:1}", "4:1", 1), ("\\text{4:1}", "4:1", 1), ("$4:1$", "4:1", 1), ("\\text{ 4 : 1 }", "4:1", 1),
+    ("\\text{1:4}", "4:1", 0), ("\\boxed{3:1}", "4:1", 0),
+    ("\\frac{28}{6}:1", "\\frac{14}{3}:1", 1), ("\\frac{14}{3}:2", "\\frac{14}{3}:1", 0), ("2:3:4", "2:3:4", 1),
+    ("2:3", "2:3:4", 0),
+])
+def test_a_ratio_is_compared_term_by_term_whatever_wraps_it(prediction, gold, expected):
+    assert grade(A(prediction), gold) == expected
+
+
+MATH_MODE_OPTIONS = {"A": "$2 \\cdot 4 \\cdot 3$", "B": "$2 \\cdot 4$", "C": "\\text{7}", "D": "\\text{none of these}"}
+
+
+@pytest.mark.parametrize("prediction, gold, expected", [
+    ("$2 \\cdot 4 \\cdot 3$", "A", 1), ("2 \\cdot 4 \\cdot 3", "A", 1), ("\\boxed{2 \\cdot 4 \\cdot 3}", "A", 1),
+    ("24", "A", 1), ("\\boxed{24}", "A", 1), ("8", "B", 1), ("7", "C", 1), ("none of these", "D", 1),
+    ("\\text{none of these}", "D", 1), ("A", "A", 1),
+    ("8", "A", 0), ("25", "A", 0), ("2 \\cdot 4", "A", 0), ("24", "B", 0), ("none", "D", 0),
+])
+def test_option_texts_in_math_mode_match_their_text_and_their_value(prediction, gold, expected):
+    assert grade(A(prediction), gold, MATH_MODE_OPTIONS) == expected
+
+
+def test_a_value_equal_to_two_options_picks_neither():
+    options = {"A": "$4!$", "B": "$2 \\cdot 12$", "C": "$5$", "D": "$6$"}
+    assert grade_many([A("24"), A("24"), A("5"), A("4!")], ["A", "B", "C", "A"], [options] * 4) == [0, 0, 1, 1]
+
+
+GENETICS_OPTIONS = {"A": "XAXa", "B": "XAXA", "C": "XaXa", "D": "XaY"}
+
+
+def test_options_that_differ_only_in_case_are_told_apart():
+    predictions = ["XAXA", "XaXa", "XAXa", "XaY", "xay", "XAXA.", "xaxa", "xaxa", "xaxa", "XAXA", "XaXa"]
+    golds = ["B", "C", "A", "D", "D", "B", "A", "B", "C", "A", "B"]
+    expected = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]  # case folded only where it picks one option
+    assert grade_many([A(p) for p in predictions], golds, [GENETICS_OPTIONS] * len(golds)) == expected
+
+
+DIARRHOEA_OPTIONS = {"A": "Staphylococcus aureus enterotoxin", "B": "Norovirus", "C": "Clostridioides difficile",
+                     "D": "Ischemic colitis"}
+
+
+@pytest.mark.parametrize("prediction, gold, expected", [
+    ("C. difficile toxin A and B", "C", 0), ("A patient with this history needs stool testing", "A", 0),
+    ("A 2-day course", "A", 0), ("D is unlikely", "D", 0),  # a word of a sentence, not a label
+    ("C. Clostridioides difficile", "C", 1), ("C. Clostridioides difficile, given the antibiotics", "C", 1),
+    ("C Clostridioides difficile", "C", 1), ("C. Clostridioides", "C", 1), ("C: the toxin", "C", 1),
+    ("(C) because of the antibiotics", "C", 1), ("C) toxin", "C", 1), ("Option C, the toxin", "C", 1), ("C", "C", 1),
+    ("C.", "C", 1), ("Norovirus", "B", 1), ("A. Norovirus", "B", 0),
+])
+def test_a_leading_article_or_abbreviation_is_not_a_label(prediction, gold, expected):
+    assert grade(A(prediction), gold, DIARRHOEA_OPTIONS) == expected
+
+
+@pytest.mark.parametrize("prediction, expected", [
+    ("1.21", 1), ("\\boxed{1.21}", 1), ("x = 1.21", 1), ("1.21 cm", 1), ("1.21\\text{ cm}", 1), ("$1.21$", 1),
+    ("1.214", 1), ("\\boxed{1.214}", 1), ("l = 1.214 cm", 1), ("1.21^\\circ", 1),
+    ("1.24", 0), ("\\boxed{1.24}", 0), ("x = 1.24", 0), ("1.24 cm", 0), ("1.2", 0), ("12.1", 0),
+])
+def test_a_stated_precision_applies_to_every_form_of_a_number(prediction, expected):
+    assert grade_many([A(prediction)], ["1.21"], precisions=[2]) == [expected]
+
+
+def _mathvista_row(pid, image, **fields):
+    row = {"pid": pid, "question": "How long is the bar?", "image": image, "choices": None, "unit": None,
+           "precision": 1.0, "answer": "1.2", "question_type": "free_form", "answer_type": "float",
+           "pid_source": "figureqa", "metadata": {"split": "testmini", "language": "english"},
+           "query": "Hint: Please answer the question requiring a floating-point number with one decimal place.\n"
+                    "Question: How long is the bar?"}
+    return {**row, **fields}
+
+
+def test_mathvistas_testmini_json_loads_as_published(tmp_path):
+    """testmini.json is one JSON object keyed by pid, images as paths under images/."""
+    (tmp_path / "images").mkdir()
+    rows = {}
+    for pid in ("1", "2", "3"):
+        _image(tmp_path / "images" / f"{pid}.jpg", (3, 3, 3))
+        rows[pid] = _mathvista_row(pid, f"images/{pid}.jpg")
+    path = tmp_path / "testmini.json"
+    path.write_text(json.dumps(rows, indent=4))
+    records = load_benchmark("mathvista", str(path))
+    assert [r.id for r in records] == ["1", "2", "3"] and all(r.meta == {"precision": 1} for r in records)
+    assert records[0].messages[0]["content"][1]["image"].size == (32, 32)
+
+
+def test_rows_that_would_become_silent_text_only_prompts_are_errors(tmp_path):
+    image = _image(tmp_path / "m.png", (1, 1, 1))
+    no_query = _write(tmp_path / "mv.jsonl", [_mathvista_row("1", image), _mathvista_row("2", image, query=None)])
+    with pytest.raises(Exception, match=r"mv.jsonl: row 1: no `query`"):
+        load_benchmark("mathvista", no_query)
+    no_image = _write(tmp_path / "mv2.jsonl", [_mathvista_row("1", None)])
+    with pytest.raises(Exception, match=r"mv2.jsonl: row 0: no image"):
+        load_benchmark("mathvista", no_image)
+    rows = [{"id": "validation_Art_1", "question": "<image 1> What style is this?", "options": "['a', 'b']",
+             "answer": "A", "image_1": image},
+            {"id": "validation_Art_2", "question": "<image 1> What style is this?", "options": "['a', 'b']",
+             "answer": "A", "image_1": None}]
+    mmmu = _write(tmp_path / "mmmu.jsonl", rows)
+    with pytest.raises(Exception, match=r"mmmu.jsonl: row 1: the question or options name <image 1> but the row "
+                                        r"has no image_1"):
+        load_benchmark("mmmu", mmmu)
+    skipped = []
+    assert [r.id for r in load_benchmark("mmmu", mmmu, bad_rows=skipped)] == ["validation_Art_1"]
+    assert len(skipped) == 1 and "row 1" in skipped[0]
+
+
+def test_medxpertqa_rows_from_the_repository_and_from_the_hub(tmp_path):
+    (tmp_path / "images").mkdir()
+    name = _image(tmp_path / "images" / "MM-26-a.jpeg", (7, 7, 7))
+    question = ("A 5-year-old has this rash. What is the most probable diagnosis?\nAnswer Choices: (A) Erythema "
+                "infectiosum (B) Cutaneous larva migrans (C) Cold agglutinin disease (D) Cutis marmorata (E) Erythema "
+                "ab igne")
+    options = {"A": "Erythema infectiosum", "B": "Cutaneous larva migrans", "C": "Cold agglutinin disease",
+               "D": "Cutis marmorata", "E": "Erythema ab igne"}
+    repository = {"id": "MM-26", "question": question, "options": options, "label": "C", "images": [name],
+                  "medical_task": "Diagnosis", "body_system": "Lymphatic", "question_type": "Reasoning"}
+    (from_repository,) = load_benchmark("medxpertqa_mm", _write(tmp_path / "mm.jsonl", [repository]),
+                                        image_root=str(tmp_path / "images"))
+    hub = {**repository, "images": [{"bytes": (tmp_path / "images" / name).read_bytes(), "path": None}]}
+    pq.write_table(pa.Table.from_pylist([hub]), tmp_path / "test-00000.parquet")
+    (from_hub,) = load_benchmark("medxpertqa_mm", str(tmp_path / "test-00000.parquet"))
+    for record in (from_repository, from_hub):
+        assert record.answer == "C" and "Answer Choices" not in str(record.messages)
+        assert record.messages[0]["content"][1]["image"].getpixel((0, 0)) == (7, 7, 7)
+    for bad, message in [({"images": None}, "`images` must list"),
+                         ({"images": [{"bytes": None, "path": None}]}, "an image field holds neither bytes nor a path")]:
+        with pytest.raises(Exception, match=rf"bad.jsonl: row 0: {message}"):
+            load_benchmark("medxpertqa_mm", _write(tmp_path / "bad.jsonl", [{**repository, **bad}]))
+
+
+def test_the_skipped_count_stands_beside_the_accuracy():
+    table = evaluate.format_table([{"benchmark": "nejm", "n": 9, "skipped_rows": 2, "accuracy": 0.5},
+                                   {"benchmark": "gsm8k", "n": 5, "skipped_rows": 0, "accuracy": 0.2}])
+    assert table.splitlines()[0].split() == ["benchmark", "n", "skipped_rows", "accuracy"]
+    assert table.splitlines()[1].split() == ["nejm", "9", "2", "0.5000"]
+    assert "skipped" not in evaluate.format_table([{"benchmark": "gsm8k", "n": 5, "skipped_rows": 0, "accuracy": 0.2}])
+
+
+def _run_evaluate(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "evaluate.py", *args], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_bad_input_ends_in_one_line(qwen2_single, tmp_path):
+    # every row skipped: an error naming the benchmark, the count and the first reason, never "accuracy 0.0"
+    image = _image(tmp_path / "x.png", (1, 1, 1))
+    rows = [{"id": f"n{i}", "question": "What is shown?", "options": {"A": "rash", "B": "fracture"}, "answer": "A",
+             "image": image} for i in range(3)]
+    nejm = _write(tmp_path / "nejm.jsonl", rows)
+    wrong_root = _run_evaluate("--model", qwen2_single, "--benchmarks", f"nejm={nejm}", "--skip-bad-rows",
+                               "--image-root", str(tmp_path / "elsewhere"), "--output-dir", str(tmp_path / "o"))
+    # a records file naming a missing image
+    record = {"id": "r1", "messages": [{"role": "user", "content": [{"type": "image", "image": "gone.png"},
+                                                                   {"type": "text", "text": "What is shown?"}]}],
+              "answer": "A", "kind": "choice", "options": {"A": "rash", "B": "fracture"}}
+    records = _write(tmp_path / "mine.jsonl", [record])
+    missing_image = _run_evaluate("--model", qwen2_single, "--benchmarks", f"records={records}",
+                                  "--output-dir", str(tmp_path / "o"))
+    # a context longer than the model's own (the tiny model: 4,096 positions)
+    gsm8k = _write(tmp_path / "gsm8k.jsonl", [{"question": "1+1?", "answer": "so\n#### 2"}])
+    too_long = _run_evaluate("--model", qwen2_single, "--benchmarks", f"gsm8k={gsm8k}", "--max-model-len", "100000",
+                             "--output-dir", str(tmp_path / "o"))
+    for result, message in [
+            (wrong_root, rf"^error: nejm: all 3 rows were skipped as unreadable; the first: .*nejm.jsonl: row 0: image "
+                         rf"not found: {tmp_path / 'elsewhere' / 'x.png'}"),
+            (missing_image, rf"^error: .*mine.jsonl: record r1: image not found: {tmp_path / 'gone.png'}$"),
+            (too_long, r"^error: --max-model-len: 100000 tokens is above .*qwen2-single's maximum context length "
+                       r"\(max_position_embeddings=4096\)$")]:
+        assert result.returncode == 1
+        last = result.stderr.strip().splitlines()[-1]
+        assert re.match(message, last), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
