@@ -39,10 +39,39 @@ def _quiet_vllm() -> None:
         logger.addFilter(_not_a_cpu_notice)
 
 
+# the oldest Linux driver each CUDA major version runs on (minor-version compatibility)
+_MIN_DRIVER = {12: "525.60", 13: "580.65"}
+
+
+def _driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA version the NVIDIA driver supports, read through NVML, or None without one."""
+    from ctypes import CDLL, byref, c_int
+    try:
+        nvml = CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    version = c_int(0)
+    if nvml.nvmlInit() != 0 or nvml.nvmlSystemGetCudaDriverVersion_v2(byref(version)) != 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
 def on_gpu() -> bool:
-    # NVML, not torch.cuda.is_available(): that initialises the CUDA driver (cudaGetDeviceCount), and
-    # vLLM then forks its engine process from an initialised parent.
-    return torch.cuda.device_count() > 0
+    """Whether this run uses GPUs: the one predicate of every stage. GPUs that this torch build cannot use
+    (its CUDA is newer than the driver) stop the run in one line rather than let it train on the CPU.
+
+    NVML only, never torch.cuda.is_available(): that initialises the CUDA driver (cudaGetDeviceCount), and
+    vLLM then forks its engine process from an initialised parent."""
+    count = torch.cuda.device_count()
+    if count == 0:
+        return False
+    driver, built_for = _driver_cuda_version(), torch.version.cuda
+    if driver is not None and built_for and driver < tuple(int(x) for x in built_for.split(".")[:2]):
+        major = int(built_for.split(".")[0])
+        raise SystemExit(f"error: {count} GPUs visible, but torch {torch.__version__} is built for CUDA {built_for} "
+                         f"and this NVIDIA driver runs CUDA {driver[0]}.{driver[1]} at most: install driver >= "
+                         f"{_MIN_DRIVER.get(major, '?')}, or torch and vLLM built for CUDA {driver[0]} (README: GPUs)")
+    return True
 
 
 class ContextLengthError(ValueError):

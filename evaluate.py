@@ -159,10 +159,11 @@ class HFBackend:
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        from engine import load_hf_model
+        from engine import load_hf_model, on_gpu
+        gpu = on_gpu()
         self.model = load_hf_model(args.model, trust_remote_code=args.trust_remote_code,
-                                   dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+                                   dtype=torch.bfloat16 if gpu else torch.float32)
+        self.model.to("cuda" if gpu else "cpu").eval()
         self.tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         has_processor = os.path.exists(os.path.join(args.model, "preprocessor_config.json"))
         self.image_processor = AutoImageProcessor.from_pretrained(args.model) if has_processor else None

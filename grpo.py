@@ -120,8 +120,8 @@ def parse_args(argv=None):
     p.add_argument("--grading-timeout", type=float, default=5.0, help="seconds per graded answer (default 5)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.6,
                    help="GPU share of each colocated vLLM engine (default 0.6). Qwen2.5-VL-7B on 8 x 80 GB: the "
-                        "trainer keeps ~20 GiB per GPU through rollouts (fp32 shards of weights, gradients, AdamW "
-                        "and reference; the bf16 vision tower), vLLM takes 48 GiB (15 GiB weights, ~31 GiB KV cache: "
+                        "trainer keeps ~14 GiB per GPU through rollouts (fp32 shards of weights, gradients, AdamW "
+                        "and reference; the unused vision tower stays on the host), vLLM takes 48 GiB (15 GiB weights, ~31 GiB KV cache: "
                         "540k tokens of the 655k a rank's 16 x 8 x 5,120 could use); training runs while vLLM sleeps "
                         "(bench/memory.py prints the table)")
     p.add_argument("--max-steps", type=int, help="stop after this many rollout batches (smoke runs, tests)")
@@ -222,10 +222,14 @@ def fill_logprobs(model, samples, attr, args, device, with_entropy=False) -> flo
 
 def sync_weights(llm, model) -> None:
     """Load the policy's weights into the vLLM engine, gathering one parameter at a time from the FSDP
-    shards, so no GPU ever holds a second full copy of the model."""
+    shards, so no GPU ever holds a second full copy of the model. Each shard is cast to the engine's
+    dtype before it is gathered (bf16 on GPU: half the bytes of the fp32 masters)."""
+    dtype = llm.llm_engine.vllm_config.model_config.dtype
+
     def weights():
         for name, tensor in model.state_dict().items():
-            yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
+            tensor = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+            yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
     # Every cache computed with the old weights: the prefix cache's KV blocks, and a VLM's encoder cache of
     # image embeddings (an image prompt after a reload otherwise fails with "Encoder cache miss").
@@ -258,7 +262,8 @@ def main(argv=None):
     from data.records import DataError
     from engine import make_llm, on_gpu, shutdown_llm
     from training import (MetricsLog, Timer, all_reduce_max, all_reduce_sum, export_model, init_distributed,
-                          latest_checkpoint, load_checkpoint, load_model, peak_memory_gib, refuse_stale_checkpoints,
+                          latest_checkpoint, load_checkpoint, load_model, memory_in_use_gib, peak_memory_gib,
+                          refuse_stale_checkpoints,
                           save_checkpoint, seed_everything, shard_model, step_indices, vision_tower,
                           vision_trains)
 
@@ -299,6 +304,9 @@ def main(argv=None):
     model = shard_model(load_model(args.model, train=args.train, trust_remote_code=args.trust_remote_code,
                                    activation_checkpointing=args.activation_checkpointing,
                                    attn_implementation=args.attn_implementation), device)
+    if rank == 0:
+        print(f"model: {args.model} on {world} x {device.type}, attention {model.config._attn_implementation}, "
+              f"training {','.join(sorted(args.train))}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(1, round(args.warmup_ratio * total_steps * args.mini_batches))
@@ -328,7 +336,9 @@ def main(argv=None):
     llm = make_llm(args.model, max_model_len=args.max_prompt_length + args.max_response_length, seed=args.seed,
                    in_process=True, external_launcher=on_gpu(), enable_sleep_mode=on_gpu(),
                    gpu_memory_utilization=args.gpu_memory_utilization,
-                   exit_ids=exit_ids if args.think_budget is not None else None, **no_images)
+                   exit_ids=exit_ids if args.think_budget is not None else None,
+                   # log-probs after temperature, as the trainer's: the gap then measures the weight sync
+                   logprobs_mode="processed_logprobs", **no_images)
     if start_step > 0:
         sync_weights(llm, model)
 
@@ -341,6 +351,7 @@ def main(argv=None):
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
         samples = rollout(llm, [records[i] for i in mine], [prompts[i] for i in mine], args, step, exit_ids, tokenizer,
                           first_index=rank * per_rank)
+        memory = {"rollout": memory_in_use_gib(device)}
         if on_gpu():  # level 2 drops the weights too (no round trip to host memory): sync_weights reloads them all
             llm.sleep(level=2)
         times["rollout"] = timer()
@@ -355,6 +366,10 @@ def main(argv=None):
         entropy_sum = fill_logprobs(model, samples, "old_logprobs", args, device, with_entropy=True)
         if reference is not None:
             fill_logprobs(reference, samples, "ref_logprobs", args, device)
+            # FSDP2 keeps a root unit gathered after forward (torch/distributed/fsdp/_fully_shard/_fsdp_state.py,
+            # "For the root, do not reshard after forward"); the reference has no backward to free it: 2 GiB at
+            # 7B held through the rollouts
+            reference.reshard()
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed + step)).tolist()
         mini_size = len(samples) // args.mini_batches
         sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "grad_norm": 0.0}
@@ -390,13 +405,16 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         times["training"] = timer() - times["rollout"] - times["grading"]
+        memory["training"] = memory_in_use_gib(device)
 
         if on_gpu():
+            torch.cuda.empty_cache()  # the trainer's free cached blocks go back before vLLM takes its memory
             llm.wake_up(tags=["weights"])
         sync_weights(llm, model)
         if on_gpu():
             llm.wake_up(tags=["kv_cache"])
         times["sync"] = timer() - times["rollout"] - times["grading"] - times["training"]
+        memory["wake"] = memory_in_use_gib(device)
 
         masked = sum(sum(s.loss_mask(args.mask_truncated)) for s in samples)
         gap_terms = [(abs(v - o), w) for s in samples for v, o, w in zip(
@@ -406,7 +424,8 @@ def main(argv=None):
             sum(rewards), len(samples), float((groups.max(1).values == groups.min(1).values).sum()), len(groups),
             sum(len(s.response_ids) for s in samples), sum(s.truncated for s in samples),
             sum(bool(s.forced) for s in samples), masked, entropy_sum, sum(g * w for g, w in gap_terms),
-            sums["clip_low"], sums["clip_high"], sums["kl"]], dtype=torch.float64), device).tolist()
+            sums["clip_low"], sums["clip_high"], sums["kl"],
+            sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)], dtype=torch.float64), device).tolist()
         max_length = all_reduce_max(max(len(s.response_ids) for s in samples), device)
         row = {"step": step + 1, "epoch": step // steps_per_epoch, "reward_mean": totals[0] / totals[1],
                "groups_all_equal": totals[2] / totals[3], "response_length_mean": totals[4] / totals[1],
@@ -415,7 +434,8 @@ def main(argv=None):
                "clip_high_frac": totals[11] / max(totals[7], 1), "entropy": totals[8] / max(totals[7], 1),
                "kl": totals[12] / args.mini_batches, "loss": sums["loss"] / args.mini_batches,
                "grad_norm": sums["grad_norm"] / args.mini_batches, "lr": scheduler.get_last_lr()[0],
-               "vllm_logprob_gap": totals[9] / max(totals[7], 1), "peak_memory_gib": peak_memory_gib(device),
+               "vllm_logprob_gap": totals[9] / max(totals[7], 1), "training_tokens": int(totals[13]),
+               "peak_memory_gib": peak_memory_gib(device), **{f"memory_{k}_gib": v for k, v in memory.items()},
                **{f"seconds_{k}": v for k, v in times.items()}}
         if args.sync_check:
             row["sync_greedy_match"] = greedy_match(llm, model, prompts[mine[0]], device)

@@ -170,12 +170,16 @@ def main(argv=None):
               f"{skipped['truncated']} truncated; {len(examples)} examples, {steps_per_epoch} steps per epoch, "
               f"{total_steps} steps" + (f"\nfirst bad row: {bad_rows[0]}" if bad_rows else ""))
 
-    model = load_model(args.model, train=args.train, images_in_batches=any(e.images for e in examples),
+    images = any(e.images for e in examples)
+    model = load_model(args.model, train=args.train, images_in_batches=images,
                        trust_remote_code=args.trust_remote_code, activation_checkpointing=args.activation_checkpointing,
                        attn_implementation=args.attn_implementation)
     text_config = getattr(model.config, "text_config", model.config)
     n_params = count_params(model) - model.get_input_embeddings().weight.numel()
-    model = shard_model(model, device)
+    model = shard_model(model, device, images)
+    if rank == 0:
+        print(f"model: {args.model} on {world} x {device.type}, attention {model.config._attn_implementation}, "
+              f"training {','.join(sorted(args.train))}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(

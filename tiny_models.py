@@ -29,6 +29,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+QWEN2_5_VL_7B_CONFIG = {  # Qwen/Qwen2.5-VL-7B-Instruct config.json
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "vocab_size": 152064,
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "tie_word_embeddings": False, "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "in_chans": 3},
+}
+
 
 def default_corpus() -> list[str]:
     lines = [TRAIN_TEMPLATE, CHOICE_TEMPLATE, MATH_TEMPLATE,
@@ -129,4 +139,31 @@ def build_qwen2_5_vl(out_dir: str, tokenizer, hidden_size: int = 128, layers: in
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_qwen2_5_vl_from_config(out_dir: str, tokenizer, config: dict, seed: int = 0, device: str = "cpu"):
+    """Random-init bf16 weights in a Qwen2.5-VL config.json's shape (e.g. QWEN2_5_VL_7B_CONFIG), saved with
+    the tokenizer and a default image processor; the special tokens' ids are the tokenizer's.
+    device: where the weights are drawn (a GPU draws a 7B model in seconds)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+        ("bos_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"), ("pad_token_id", "<|endoftext|>")]}
+    with tempfile.TemporaryDirectory() as config_dir:
+        with open(os.path.join(config_dir, "config.json"), "w") as fh:
+            json.dump({**config, **ids}, fh)
+        model_config = AutoConfig.from_pretrained(config_dir)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(model_config, dtype=torch.bfloat16)
+    _save_generation_config(model, tokenizer)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil().save_pretrained(out_dir)
     return out_dir

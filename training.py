@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine import on_gpu
+
 CHECKPOINT_DIR = "checkpoints"
 # Ranks wait at collectives while others finish a rollout batch (up to 4,096 tokens x 8 x 16 prompts each
 # on the paper's settings) or save a checkpoint: far past NCCL's default 10 minutes.
@@ -47,7 +49,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:  # a plain `python sft.py`: a one-process group, so one code path serves all
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
-    if torch.cuda.is_available():
+    if on_gpu():
+        # fewer fragments in a memory shared with vLLM's engine (which turns this off inside its own pool)
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
@@ -118,7 +122,7 @@ def model_part(name: str) -> str:
 
 
 def default_attn_implementation() -> str:
-    if torch.cuda.is_available():
+    if on_gpu():
         try:
             import flash_attn  # noqa: F401
             return "flash_attention_2"
@@ -177,15 +181,24 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def shard_model(model, device):
+def cast_parameters(module, dtype) -> None:
+    """Parameters only: module.to(dtype) would also cast buffers such as the rotary inv_freq, which vLLM
+    keeps in fp32 (in bf16 they are off by up to 0.4%, and image features with them)."""
+    for param in module.parameters():
+        param.data = param.data.to(dtype)
+
+
+def shard_model(model, device, images: bool = False):
     """FSDP2: one unit per decoder layer and the root; bf16 compute with fp32 gradient reduction on
-    GPU, fp32 on CPU. A vision tower with any trained parameter is a unit of its own, frozen and trained
-    parameters together (with --train projector, its merger trains and its blocks do not). A frozen vision
-    tower stays out of every unit (ignored, replicated): text-only batches never call it, so no rank waits
-    on a collective that another rank skips."""
+    GPU, fp32 on CPU. Each unit's parameters move to the device as it is sharded (fully_shard moves what
+    it manages: torch/distributed/fsdp/_fully_shard/_fsdp_init.py, _move_states_to_device), so no rank
+    ever holds the whole fp32 model on its GPU. A vision tower with any trained parameter is a unit of its
+    own, frozen and trained parameters together (with --train projector, its merger trains and its blocks
+    do not). A frozen tower stays out of every unit (ignored, replicated: no rank waits on a collective
+    that another rank skips): on the device in bf16 where batches hold images, else on the host, since
+    text-only batches never run it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.to(device)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
     vision = {p for n, p in model.named_parameters() if is_vision_param(n)}
@@ -194,8 +207,10 @@ def shard_model(model, device):
     if vision and vision_trains(model):
         fully_shard(vision_tower(model), mp_policy=mp)
         vision = set()
-    elif vision and device.type == "cuda":  # frozen and replicated on every rank: bf16, as FSDP computes
-        vision_tower(model).to(torch.bfloat16)
+    elif vision and images:
+        vision_tower(model).to(device)
+        if device.type == "cuda":  # as FSDP computes
+            cast_parameters(vision_tower(model), torch.bfloat16)
     fully_shard(model, mp_policy=mp, ignored_params=vision or None)
     return model
 
@@ -208,7 +223,7 @@ def count_params(model, trainable_only: bool = True) -> int:
 
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if on_gpu():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -217,7 +232,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and on_gpu():
         torch.cuda.set_rng_state(state["cuda"])
 
 
@@ -298,7 +313,7 @@ def export_model(model, source: str, out_dir: str, trust_remote_code: bool = Fal
     if dist.get_rank() == 0:
         from transformers import AutoTokenizer
 
-        dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        dtype = dtype or (torch.bfloat16 if on_gpu() else torch.float32)
         state = {k: v.to(dtype) for k, v in state.items()}
         tmp = out_dir.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -373,6 +388,16 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
+def memory_in_use_gib(device) -> float:
+    """Memory in use now: the whole GPU's (vLLM's engine included, which the caching allocator's statistics
+    do not see), or this process's resident set on CPU."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return (total - free) / 2 ** 30
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+
 class Timer:
     def __init__(self):
         self.start = time.perf_counter()
@@ -386,7 +411,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "
 
 def peak_flops() -> float | None:
     """Dense bf16 peak of this GPU (datasheet), or None off GPU / for an unknown device."""
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return None
     name = torch.cuda.get_device_name()
     tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)

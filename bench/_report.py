@@ -8,7 +8,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def machine() -> str:
     import torch
-    if torch.cuda.is_available():
+
+    from engine import on_gpu
+    if on_gpu():
         return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPU)"
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 

@@ -24,6 +24,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._report import print_table  # noqa: E402
+from tiny_models import QWEN2_5_VL_7B_CONFIG  # noqa: E402
 
 VOCAB, TOKENS, SEQUENCES = 152_064, 8192, 8
 GIB = 2 ** 30
@@ -104,16 +105,6 @@ def measured_table(work: str) -> list[dict]:
 
 # --- 2. arithmetic ------------------------------------------------------------------------------------------
 
-QWEN2_5_VL_7B = {  # Qwen/Qwen2.5-VL-7B-Instruct config.json
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "vocab_size": 152064,
-    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-    "num_key_value_heads": 4, "tie_word_embeddings": False, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                      "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                      "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "in_chans": 3},
-}
-
-
 def parameter_counts() -> tuple[int, int]:
     """(language model incl. embeddings and lm_head, vision tower incl. merger) of Qwen2.5-VL-7B."""
     import torch
@@ -121,7 +112,7 @@ def parameter_counts() -> tuple[int, int]:
 
     config_dir = tempfile.mkdtemp()
     with open(f"{config_dir}/config.json", "w") as fh:
-        json.dump(QWEN2_5_VL_7B, fh)
+        json.dump(QWEN2_5_VL_7B_CONFIG, fh)
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
@@ -140,11 +131,13 @@ def arithmetic_table(gpus: int = 8, gpu_gib: float = 80.0) -> list[dict]:
     full_logits = tokens * vocab * 4 * 3  # fp32 logits, log-softmax and their gradient
     chunked = 1024 * vocab * 4 * 3
     vllm = 0.6 * gpu_gib * GIB
+    root = (2 * vocab * h + h) * 2  # embeddings, lm_head and final norm, gathered in bf16
     rows = []
     for stage in ("sft", "grpo"):
-        parts = {"weights fp32 (shard)": 4 * shard, "gradients fp32 (shard)": 4 * shard, "AdamW (shard)": 8 * shard,
-                 "vision tower bf16 (frozen, replicated)": 2 * vision}
-        if stage == "grpo":
+        parts = {"weights fp32 (shard)": 4 * shard, "gradients fp32 (shard)": 4 * shard, "AdamW (shard)": 8 * shard}
+        if stage == "sft":  # image SFT runs the frozen tower; text-only GRPO never does, and keeps it on the host
+            parts["vision tower bf16 (frozen, replicated)"] = 2 * vision
+        else:
             parts["reference fp32 (shard; shares the vision tower)"] = 4 * shard
         resident = sum(parts.values())
         for name, value in parts.items():
@@ -156,7 +149,16 @@ def arithmetic_table(gpus: int = 8, gpu_gib: float = 80.0) -> list[dict]:
             rows.append({"stage": stage, "part": "vLLM (0.6 x 80 GiB: bf16 weights + KV cache), asleep in training",
                          "GiB": vllm / GIB})
             rows.append({"stage": stage, "part": "  of which weights bf16", "GiB": 2 * (text + vision) / GIB})
-            rows.append({"stage": stage, "part": "peak in rollout: resident + vLLM", "GiB": (resident + vllm) / GIB})
+            held_before = 2 * vision + root  # the tower on the GPU, the reference's root left gathered
+            rows.append({"stage": stage, "part": "before: vision tower bf16 + the reference's root left gathered after "
+                                                 "its forward", "GiB": held_before / GIB})
+            rows.append({"stage": stage, "part": "peak in rollout, before: resident + those + vLLM",
+                         "GiB": (resident + held_before + vllm) / GIB})
+            rows.append({"stage": stage, "part": "peak in rollout, now (tower on the host, reference resharded)",
+                         "GiB": (resident + vllm) / GIB})
+            rows.append({"stage": stage, "part": f"margin on {gpu_gib:.0f} GiB with vLLM awake: before / now",
+                         "GiB": f"{(gpu_gib * GIB - resident - held_before - vllm) / GIB:.1f} / "
+                                f"{(gpu_gib * GIB - resident - vllm) / GIB:.1f}"})
         rows.append({"stage": stage, "part": "peak in training: resident + activations + chunked logits",
                      "GiB": (resident + checkpoints + one_layer + chunked) / GIB})
         rows.append({"stage": stage, "part": "peak in training, before (full logits, no checkpointing: ~7 MiB/token)",

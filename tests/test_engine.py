@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import distill
 import evaluate
@@ -92,3 +93,20 @@ def test_the_grader_works_from_any_caller(caller, tmp_path):
                                 timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "1.0"
+
+
+def test_gpus_this_torch_cannot_use_stop_the_run_in_one_line(monkeypatch):
+    """NVML sees GPUs, the driver is older than torch's CUDA: training on the CPU without a word was the result."""
+    import engine
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(engine, "_driver_cuda_version", lambda: (12, 4))
+    with pytest.raises(SystemExit, match=r"^error: 8 GPUs visible, but torch .* is built for CUDA 13.0 and this NVIDIA "
+                                         r"driver runs CUDA 12.4 at most: install driver >= 580.65, or torch and vLLM "
+                                         r"built for CUDA 12 \(README: GPUs\)$"):
+        engine.on_gpu()
+    monkeypatch.setattr(engine, "_driver_cuda_version", lambda: (13, 0))
+    assert engine.on_gpu() is True
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert engine.on_gpu() is False

@@ -206,6 +206,7 @@ def test_non_finite_loss_stops_without_a_checkpoint(qwen2_single, tmp_path):
                         "--max-length", 256, check=False)
     assert result.returncode != 0
     assert "the loss is nan" in result.stderr or "the loss is inf" in result.stderr
+    assert f"model: {qwen2_single} on 1 x cpu, attention sdpa, training language" in result.stdout
     assert not os.path.exists(tmp_path / "o" / "checkpoints") or not os.listdir(tmp_path / "o" / "checkpoints")
 
 

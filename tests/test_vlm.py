@@ -222,3 +222,18 @@ def test_sft_trains_the_vision_tower_when_ranks_micro_batches_differ_in_images(q
     after = load_file(str(tmp_path / "o" / "model" / "model.safetensors"))
     vision = [k for k in before if ".visual." in f".{k}"]
     assert vision and all(not torch.equal(before[k], after[k]) for k in vision if k.endswith("patch_embed.proj.weight"))
+
+
+def test_a_bf16_vision_tower_keeps_its_rotary_frequencies_in_fp32(qwen2_5_vl):
+    """vLLM keeps inv_freq in fp32; a tower cast whole to bf16 would compute other image features."""
+    from training import cast_parameters, vision_tower
+
+    tower = vision_tower(load_hf_model(qwen2_5_vl))
+    exact = {name: b.clone() for name, b in tower.named_buffers() if b.is_floating_point()}
+    assert exact and all(b.dtype == torch.float32 for b in exact.values())
+    cast_parameters(tower, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in tower.parameters())
+    assert all(torch.equal(b, exact[name]) for name, b in tower.named_buffers() if name in exact)
+    # what tower.to(torch.bfloat16) would have done to them: frequencies off by up to 2**-9
+    rounded = max(((b.to(torch.bfloat16).float() - b).abs() / b.abs()).max() for b in exact.values())
+    assert rounded > 1e-3
