@@ -20,11 +20,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from data import add_data_arguments, load_records, run_script
+from data import add_data_arguments, grade_many, load_records, run_script
 from data.prompts import image_refs
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
 from packing import micro_batches, pack, target_logprobs
-from training import add_trainer_arguments, as_many_on_every_rank, exit_without_teardown
+from training import (add_trainer_arguments, all_reduce_max, all_reduce_sum, as_many_on_every_rank,
+                      exit_without_teardown, latest_checkpoint, sum_over_ranks)
 
 
 # --- the objective (pure functions) -------------------------------------------------------------------
@@ -42,27 +43,23 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     return centred.flatten()
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.28,
-                num_tokens: float | None = None):
-    """Clipped surrogate -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A), summed over the
-    tokens where mask is 1 and divided by num_tokens (the response tokens of the whole global batch;
-    the local mask sum when not given). Shapes: [B, T] for logprobs and mask, and [B] (one per sequence) or
-    [B, T] for advantages; or all flat, one value per token.
-
-    Returns (loss, stats) with the fractions of tokens clipped below (ratio < 1 - clip_low, A < 0) and
-    above (ratio > 1 + clip_high, A > 0), where the clipped term is chosen and the gradient is zero."""
-    mask = mask.to(logprobs.dtype)
+def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low: float = 0.2, clip_high: float = 0.28):
+    """Per token: the clipped surrogate loss -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A),
+    and where the clip chose the term below (ratio < 1 - clip_low, A < 0) and above (ratio > 1 + clip_high,
+    A > 0): there the gradient is zero. Shapes broadcast: advantages one per token, or [B, 1] against [B, T]."""
     ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.to(logprobs.dtype)
-    adv = adv.unsqueeze(-1) if adv.dim() < logprobs.dim() else adv
-    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
-    denominator = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logprobs.dtype)
-    loss = -(surrogate * mask).sum() / denominator.clamp(min=1)
+    advantages = advantages.to(logprobs.dtype)
+    loss = -torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages)
     with torch.no_grad():
-        local = mask.sum().clamp(min=1)
-        stats = {"clip_low": (((ratio < 1 - clip_low) & (adv < 0)) * mask).sum() / local,
-                 "clip_high": (((ratio > 1 + clip_high) & (adv > 0)) * mask).sum() / local}
-    return loss, stats
+        clipped_low = (ratio < 1 - clip_low) & (advantages < 0)
+        clipped_high = (ratio > 1 + clip_high) & (advantages > 0)
+    return loss, clipped_low, clipped_high
+
+
+def token_sum_loss(per_token, weights, divisor: float):
+    """sum(per_token * weights) / divisor. With the divisor the weighted tokens of the whole global mini-batch,
+    every token weighs the same whatever sequence, micro-batch or rank it is in (DAPO's token-level loss)."""
+    return (per_token * weights.to(per_token.dtype)).sum() / max(float(divisor), 1.0)
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3"):
@@ -157,8 +154,9 @@ def rollout_seed(seed: int, step: int, prompt_index: int, group_size: int, promp
     return seed * 2 ** 40 + (step * prompts_per_step + prompt_index) * group_size
 
 
-def rollout(llm, records, prompts, args, step: int, exit_ids, tokenizer, first_index: int) -> list[Sample]:
-    """group_size responses per prompt; first_index is this rank's first prompt in the global batch."""
+def rollout(llm, records, prompts, args, step: int, exit_ids, tokenizer, first_index: int) -> list[list[Sample]]:
+    """One group per prompt: its group_size responses. first_index is this rank's first prompt in the global
+    batch."""
     from vllm import SamplingParams
 
     from engine import budget_args
@@ -169,14 +167,32 @@ def rollout(llm, records, prompts, args, step: int, exit_ids, tokenizer, first_i
                              extra_args=budget_args(args.think_budget, exit_ids))
               for i in range(len(records))]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    samples = []
+    groups = []
     for record, prompt_ids, output in zip(records, prompts, outputs):
+        group = []
         for o in output.outputs:
             ids = list(o.token_ids)
             forced = count_forced(ids, args.think_budget, exit_ids) if args.think_budget is not None else []
-            samples.append(Sample(record, prompt_ids, ids, [lp[t].logprob for lp, t in zip(o.logprobs, ids)],
-                                  forced, o.finish_reason == "length", tokenizer.decode(ids, skip_special_tokens=True)))
-    return samples
+            group.append(Sample(record, prompt_ids, ids, [lp[t].logprob for lp, t in zip(o.logprobs, ids)],
+                                forced, o.finish_reason == "length", tokenizer.decode(ids, skip_special_tokens=True)))
+        groups.append(group)
+    return groups
+
+
+def grade_groups(groups: list[list[Sample]], args) -> list[list[Sample]]:
+    """Each response's reward (1 if the shared grader accepts its answer, else 0) and its advantage within
+    its group; returns the groups the update trains on (every one: the recipe keeps groups whose rewards
+    are all equal, which have advantage 0 and add only to the divisor)."""
+    samples = [s for group in groups for s in group]
+    rewards = grade_many([s.text for s in samples], [s.record.answer for s in samples],
+                         [s.record.options for s in samples], args.grading_workers, args.grading_timeout)
+    for s, reward in zip(samples, rewards):
+        s.reward = reward
+    for group in groups:
+        advantages = group_advantages(torch.tensor([s.reward for s in group]), len(group), not args.no_std_scaling)
+        for s, advantage in zip(group, advantages.tolist()):
+            s.advantage = advantage
+    return groups
 
 
 def collate(samples: list[Sample]):
@@ -209,6 +225,8 @@ def fill_logprobs(model, samples, attr, args, device, with_entropy=False) -> flo
     the tokens that enter the loss."""
     entropy_sum = 0.0
     for chunk in micro_batches_of(samples, args, device):
+        # the forward with targets that training.load_model installed (packing.install_target_logprobs):
+        # the targets' log-probs, computed in chunks, never the full [tokens, vocabulary] logits
         logprobs, entropy = target_logprobs(model, collate(chunk), device, args.temperature, with_entropy)
         for s, values in zip(chunk, per_sample(chunk, logprobs)):
             setattr(s, attr, values)
@@ -216,6 +234,101 @@ def fill_logprobs(model, samples, attr, args, device, with_entropy=False) -> flo
             for s, ent in zip(chunk, per_sample(chunk, entropy)):
                 entropy_sum += float((ent * torch.tensor(s.loss_mask(args.mask_truncated))).sum())
     return entropy_sum
+
+
+# --- the update ---------------------------------------------------------------------------------------------
+
+def mini_batch_divisor(mini: list[Sample], args, device) -> float:
+    """What a mini-batch's loss is divided by: its weighted response tokens on every rank."""
+    return all_reduce_sum(sum(sum(s.loss_mask(args.mask_truncated)) for s in mini), device).item()
+
+
+def mini_batch_loss(chunk: list[Sample], logprobs, divisor: float, args, device):
+    """The loss of one micro-batch of a mini-batch: the one place where the per-token terms (the clipped
+    surrogate, plus kl_coef times the KL estimate against the reference), their weights (each sample's
+    loss mask: forced tokens and, with --mask-truncated, cut responses out) and the divisor meet. Returns
+    the loss and the weighted token sums the metrics report."""
+    weights = flat([s.loss_mask(args.mask_truncated) for s in chunk], device)
+    old = flat([s.old_logprobs for s in chunk], device)
+    advantages = flat([[s.advantage] * len(s.response_ids) for s in chunk], device)
+    per_token, clipped_low, clipped_high = clipped_surrogate(logprobs, old, advantages, args.clip_low, args.clip_high)
+    sums = {"clipped_low": float((clipped_low * weights).sum()), "clipped_high": float((clipped_high * weights).sum())}
+    if args.kl_coef > 0:
+        kl = kl_penalty(logprobs, flat([s.ref_logprobs for s in chunk], device), args.kl_estimator)
+        per_token = per_token + args.kl_coef * kl
+        sums["kl"] = float((kl.detach() * weights).sum())
+    return token_sum_loss(per_token, weights, divisor), sums
+
+
+def update(model, optimizer, scheduler, params, samples: list[Sample], args, step: int, device) -> tuple[dict, dict]:
+    """--mini-batches optimizer steps over the samples in a seeded random order, the mini-batches cut as
+    evenly as the count allows. Returns (the global loss and grad norm summed over the steps taken, and
+    their count; this rank's weighted token sums for the metrics)."""
+    world = dist.get_world_size()
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed + step)).tolist()
+    cuts = [round(m * len(samples) / args.mini_batches) for m in range(args.mini_batches + 1)]
+    taken, token_sums = {"loss": 0.0, "grad_norm": 0.0, "optimizer_steps": 0}, {}
+    for m in range(args.mini_batches):
+        mini = [samples[i] for i in order[cuts[m]:cuts[m + 1]]]
+        divisor = mini_batch_divisor(mini, args, device)
+        loss_sum = 0.0
+        for chunk in micro_batches_of(mini, args, device):
+            # the forward with targets installed by training.load_model (packing.install_target_logprobs)
+            logprobs, _ = target_logprobs(model, collate(chunk), device, args.temperature)
+            loss, sums = mini_batch_loss(chunk, logprobs, divisor, args, device)
+            (loss * world).backward()  # FSDP averages gradients over ranks; the divisor is global already
+            loss_sum += loss.item()
+            for key, value in sums.items():
+                token_sums[key] = token_sums.get(key, 0.0) + value
+        if divisor == 0:  # no token to learn from on any rank: no step for the optimizer or the schedule
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        loss_sum = all_reduce_sum(loss_sum, device).item()
+        if not math.isfinite(loss_sum):
+            raise SystemExit(f"error: step {step + 1}, mini-batch {m + 1}: the loss is {loss_sum}; stopping "
+                             f"without saving a checkpoint from this state (the last good one: "
+                             f"{latest_checkpoint(args.output_dir)})")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        taken["grad_norm"] += grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+        taken["loss"] += loss_sum
+        taken["optimizer_steps"] += 1
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return taken, token_sums
+
+
+def step_metrics(groups: list[list[Sample]], trained: list[list[Sample]], entropy_sum: float, taken: dict,
+                 token_sums: dict, args, device) -> dict:
+    """The rollout batch's metrics: named sums over ranks (one all-reduce), each divided by what it is a
+    mean over. Rewards and lengths are of every sampled group; the loss's statistics of the trained ones."""
+    sampled = [s for group in groups for s in group]
+    samples = [s for group in trained for s in group]
+    weights = [s.loss_mask(args.mask_truncated) for s in samples]
+    local = {"reward": sum(s.reward for s in sampled), "responses": len(sampled), "groups": len(groups),
+             "groups_all_equal": sum(len({s.reward for s in group}) == 1 for group in groups),
+             "groups_trained": len(trained), "response_tokens": sum(len(s.response_ids) for s in sampled),
+             "truncated": sum(s.truncated for s in sampled), "forced": sum(bool(s.forced) for s in sampled),
+             "training_tokens": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples),
+             "loss_tokens": sum(sum(w) for w in weights), "entropy": entropy_sum,
+             "vllm_logprob_gap": sum(abs(v - o) * w for s, ws in zip(samples, weights)
+                                     for v, o, w in zip(s.vllm_logprobs, s.old_logprobs.tolist(), ws)),
+             "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, **token_sums}
+    total = sum_over_ranks(local, device)
+    per_response = {k: total[k] / max(total["responses"], 1) for k in ("reward", "response_tokens", "truncated",
+                                                                          "forced")}
+    per_loss_token = {k: total[k] / max(total["loss_tokens"], 1) for k in ("clipped_low", "clipped_high", "entropy",
+                                                                            "kl", "vllm_logprob_gap")}
+    steps = max(taken["optimizer_steps"], 1)
+    return {"reward_mean": per_response["reward"], "groups_all_equal": total["groups_all_equal"] / max(total["groups"], 1),
+            "groups_trained": int(total["groups_trained"]), "response_length_mean": per_response["response_tokens"],
+            "response_length_max": all_reduce_max(max((len(s.response_ids) for s in sampled), default=0), device),
+            "truncation_rate": per_response["truncated"], "forced_exit_rate": per_response["forced"],
+            "clip_low_frac": per_loss_token["clipped_low"], "clip_high_frac": per_loss_token["clipped_high"],
+            "entropy": per_loss_token["entropy"], "kl": per_loss_token["kl"],
+            "vllm_logprob_gap": per_loss_token["vllm_logprob_gap"], "loss": taken["loss"] / steps,
+            "grad_norm": taken["grad_norm"] / steps, "optimizer_steps": taken["optimizer_steps"],
+            "training_tokens": int(total["training_tokens"])}
 
 
 # --- weights into the engine --------------------------------------------------------------------------------
@@ -258,14 +371,12 @@ def main(argv=None):
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from data.grading import grade_many, start_grading_workers
+    from data.grading import start_grading_workers
     from data.records import DataError
     from engine import make_llm, on_gpu, shutdown_llm
-    from training import (MetricsLog, Timer, all_reduce_max, all_reduce_sum, export_model, init_distributed,
-                          latest_checkpoint, load_checkpoint, load_model, memory_in_use_gib, peak_memory_gib,
-                          refuse_stale_checkpoints,
-                          save_checkpoint, seed_everything, shard_model, step_indices, vision_tower,
-                          vision_trains)
+    from training import (MetricsLog, Timer, export_model, init_distributed, load_checkpoint, load_model,
+                          memory_in_use_gib, peak_memory_gib, refuse_stale_checkpoints, save_checkpoint,
+                          seed_everything, shard_model, step_indices, vision_tower, vision_trains)
 
     rank, world, device = init_distributed()
     if not args.resume:
@@ -275,9 +386,6 @@ def main(argv=None):
     if args.global_batch_size % world:
         raise SystemExit(f"error: --global-batch-size {args.global_batch_size} must be a multiple of the world size {world}")
     per_rank = args.global_batch_size // world
-    if (per_rank * args.group_size) % args.mini_batches:
-        raise SystemExit(f"error: {per_rank * args.group_size} responses per rank do not split into "
-                         f"--mini-batches {args.mini_batches}")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
@@ -346,23 +454,23 @@ def main(argv=None):
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=rank != 0,
                     desc="grpo")
     for step in progress:
-        timer, times = Timer(), {}
+        timer, times, memory = Timer(), {}, {}
+        # 1. sample: a group of --group-size responses to each of this rank's prompts
         indices = step_indices(len(records), args.global_batch_size, step, steps_per_epoch, args.seed)
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
-        samples = rollout(llm, [records[i] for i in mine], [prompts[i] for i in mine], args, step, exit_ids, tokenizer,
-                          first_index=rank * per_rank)
-        memory = {"rollout": memory_in_use_gib(device)}
+        groups = rollout(llm, [records[i] for i in mine], [prompts[i] for i in mine], args, step, exit_ids, tokenizer,
+                         first_index=rank * per_rank)
+        memory["rollout"] = memory_in_use_gib(device)
         if on_gpu():  # level 2 drops the weights too (no round trip to host memory): sync_weights reloads them all
             llm.sleep(level=2)
         times["rollout"] = timer()
 
-        rewards = grade_many([s.text for s in samples], [s.record.answer for s in samples],
-                             [s.record.options for s in samples], args.grading_workers, args.grading_timeout)
-        advantages = group_advantages(torch.tensor(rewards), args.group_size, not args.no_std_scaling)
-        for s, reward, advantage in zip(samples, rewards, advantages.tolist()):
-            s.reward, s.advantage = reward, advantage
+        # 2. grade, and 3. advantages within each group
+        trained = grade_groups(groups, args)
         times["grading"] = timer() - times["rollout"]
 
+        # 4. the log-probs the update compares with: the sampling policy's and the reference's
+        samples = [s for group in trained for s in group]
         entropy_sum = fill_logprobs(model, samples, "old_logprobs", args, device, with_entropy=True)
         if reference is not None:
             fill_logprobs(reference, samples, "ref_logprobs", args, device)
@@ -370,43 +478,13 @@ def main(argv=None):
             # "For the root, do not reshard after forward"); the reference has no backward to free it: 2 GiB at
             # 7B held through the rollouts
             reference.reshard()
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed + step)).tolist()
-        mini_size = len(samples) // args.mini_batches
-        sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "grad_norm": 0.0}
-        for m in range(args.mini_batches):
-            mini = [samples[i] for i in order[m * mini_size:(m + 1) * mini_size]]
-            global_tokens = all_reduce_sum(sum(sum(s.loss_mask(args.mask_truncated)) for s in mini), device).item()
-            mini_loss = 0.0
-            for chunk in micro_batches_of(mini, args, device):
-                logprobs, _ = target_logprobs(model, collate(chunk), device, args.temperature)
-                mask = flat([s.loss_mask(args.mask_truncated) for s in chunk], device)
-                old = flat([s.old_logprobs for s in chunk], device)
-                adv = flat([[s.advantage] * len(s.response_ids) for s in chunk], device)
-                loss, stats = policy_loss(logprobs, old, adv, mask, args.clip_low, args.clip_high, global_tokens)
-                if reference is not None:
-                    ref = flat([s.ref_logprobs for s in chunk], device)
-                    kl = (kl_penalty(logprobs, ref, args.kl_estimator) * mask).sum() / max(global_tokens, 1.0)
-                    loss = loss + args.kl_coef * kl
-                    sums["kl"] += kl.item()
-                # FSDP averages gradients over ranks; the loss is already divided by the global token count.
-                (loss * world).backward()
-                mini_loss += loss.item()
-                for key in ("clip_low", "clip_high"):
-                    sums[key] += stats[key].item() * mask.sum().item()
-            mini_loss = all_reduce_sum(mini_loss, device).item()
-            if not math.isfinite(mini_loss):
-                raise SystemExit(f"error: step {step + 1}, mini-batch {m + 1}: the loss is {mini_loss}; stopping "
-                                 f"without saving a checkpoint from this state (the last good one: "
-                                 f"{latest_checkpoint(args.output_dir)})")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-            sums["grad_norm"] += grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
-            sums["loss"] += mini_loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+
+        # 5. --mini-batches optimizer steps on the rollout batch
+        taken, token_sums = update(model, optimizer, scheduler, params, samples, args, step, device)
         times["training"] = timer() - times["rollout"] - times["grading"]
         memory["training"] = memory_in_use_gib(device)
 
+        # 6. the new weights into the engine
         if on_gpu():
             torch.cuda.empty_cache()  # the trainer's free cached blocks go back before vLLM takes its memory
             llm.wake_up(tags=["weights"])
@@ -416,27 +494,11 @@ def main(argv=None):
         times["sync"] = timer() - times["rollout"] - times["grading"] - times["training"]
         memory["wake"] = memory_in_use_gib(device)
 
-        masked = sum(sum(s.loss_mask(args.mask_truncated)) for s in samples)
-        gap_terms = [(abs(v - o), w) for s in samples for v, o, w in zip(
-            s.vllm_logprobs, s.old_logprobs.tolist(), s.loss_mask(args.mask_truncated))]
-        groups = torch.tensor(rewards).view(-1, args.group_size)
-        totals = all_reduce_sum(torch.tensor([
-            sum(rewards), len(samples), float((groups.max(1).values == groups.min(1).values).sum()), len(groups),
-            sum(len(s.response_ids) for s in samples), sum(s.truncated for s in samples),
-            sum(bool(s.forced) for s in samples), masked, entropy_sum, sum(g * w for g, w in gap_terms),
-            sums["clip_low"], sums["clip_high"], sums["kl"],
-            sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)], dtype=torch.float64), device).tolist()
-        max_length = all_reduce_max(max(len(s.response_ids) for s in samples), device)
-        row = {"step": step + 1, "epoch": step // steps_per_epoch, "reward_mean": totals[0] / totals[1],
-               "groups_all_equal": totals[2] / totals[3], "response_length_mean": totals[4] / totals[1],
-               "response_length_max": max_length, "truncation_rate": totals[5] / totals[1],
-               "forced_exit_rate": totals[6] / totals[1], "clip_low_frac": totals[10] / max(totals[7], 1),
-               "clip_high_frac": totals[11] / max(totals[7], 1), "entropy": totals[8] / max(totals[7], 1),
-               "kl": totals[12] / args.mini_batches, "loss": sums["loss"] / args.mini_batches,
-               "grad_norm": sums["grad_norm"] / args.mini_batches, "lr": scheduler.get_last_lr()[0],
-               "vllm_logprob_gap": totals[9] / max(totals[7], 1), "training_tokens": int(totals[13]),
-               "peak_memory_gib": peak_memory_gib(device), **{f"memory_{k}_gib": v for k, v in memory.items()},
-               **{f"seconds_{k}": v for k, v in times.items()}}
+        # 7. log
+        row = {"step": step + 1, "epoch": step // steps_per_epoch,
+               **step_metrics(groups, trained, entropy_sum, taken, token_sums, args, device),
+               "lr": scheduler.get_last_lr()[0], "peak_memory_gib": peak_memory_gib(device),
+               **{f"memory_{k}_gib": v for k, v in memory.items()}, **{f"seconds_{k}": v for k, v in times.items()}}
         if args.sync_check:
             row["sync_greedy_match"] = greedy_match(llm, model, prompts[mine[0]], device)
         metrics.log(row)

@@ -67,6 +67,13 @@ def all_reduce_sum(value: float | torch.Tensor, device) -> torch.Tensor:
     return tensor
 
 
+def sum_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+    """Named values summed over ranks in one all-reduce (every rank passes the same names)."""
+    names = sorted(values)
+    totals = all_reduce_sum(torch.tensor([float(values[n]) for n in names], dtype=torch.float64), device).tolist()
+    return dict(zip(names, totals))
+
+
 def all_reduce_max(value: float, device) -> float:
     tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)

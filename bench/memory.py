@@ -42,7 +42,7 @@ def measure(model_dir: str, stage: str, path: str) -> str:
     import torch
     import torch.nn.functional as F
 
-    from grpo import policy_loss
+    from grpo import clipped_surrogate, token_sum_loss
     from packing import pack, target_logprobs
     from training import load_model
     model = load_model(model_dir, activation_checkpointing=False)
@@ -76,7 +76,8 @@ def measure(model_dir: str, stage: str, path: str) -> str:
             old, entropy = logprobs_of(with_entropy=True)
         logprobs, _ = logprobs_of()
         advantages = torch.randn(len(logprobs))
-        loss, _ = policy_loss(logprobs, old, advantages, torch.ones_like(logprobs))
+        per_token, _, _ = clipped_surrogate(logprobs, old, advantages)
+        loss = token_sum_loss(per_token, torch.ones_like(logprobs), len(logprobs))
         loss.backward()
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB} {before}"
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo import Sample, group_advantages, kl_penalty, policy_loss
+from grpo import Sample, clipped_surrogate, group_advantages, kl_penalty, token_sum_loss
+from tests.conftest import ROOT
 from tests.conftest import run_script as run
 
 # --- the three functions ----------------------------------------------------------------------------
@@ -23,24 +24,31 @@ def test_group_advantages_hand_computed():
     assert torch.equal(group_advantages(torch.tensor([1.0, 0.0]), 1), torch.tensor([1.0, 0.0]))
 
 
+def policy_loss(logprobs, advantages, weights, divisor=None):
+    """The clipped surrogate aggregated as grpo.mini_batch_loss does, and the clipped fractions."""
+    per_token, low, high = clipped_surrogate(logprobs, torch.zeros_like(logprobs), advantages)
+    weights = torch.as_tensor(weights, dtype=torch.float32)
+    loss = token_sum_loss(per_token, weights, weights.sum() if divisor is None else divisor)
+    return loss, float((low * weights).sum() / weights.sum()), float((high * weights).sum() / weights.sum())
+
+
 def test_policy_loss_hand_computed():
-    old = torch.zeros(1, 3)
-    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1.0
-    loss, stats = policy_loss(logprobs, old, torch.tensor([1.0]), torch.tensor([[1, 1, 0]]))
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1.0 (old log-probs 0)
+    loss, low, high = policy_loss(logprobs, torch.tensor([[1.0]]), [[1, 1, 0]])
     # A = +1: min(1.5, 1.28) = 1.28 and min(0.5, 0.8) = 0.5; the third token is masked out
     assert loss.item() == pytest.approx(-(1.28 + 0.5) / 2, abs=1e-6)
-    assert stats["clip_high"].item() == pytest.approx(0.5) and stats["clip_low"].item() == 0.0
-    loss, stats = policy_loss(logprobs, old, torch.tensor([-2.0]), torch.tensor([[1, 1, 1]]))
+    assert high == pytest.approx(0.5) and low == 0.0
+    loss, low, high = policy_loss(logprobs, torch.tensor([[-2.0]]), [[1, 1, 1]])
     # A = -2: min(-3, -2.56) = -3; min(-1, -1.6) = -1.6; min(-2, -2) = -2
     assert loss.item() == pytest.approx((3 + 1.6 + 2) / 3, abs=1e-6)
-    assert stats["clip_low"].item() == pytest.approx(1 / 3) and stats["clip_high"].item() == 0.0
-    loss, _ = policy_loss(logprobs, old, torch.tensor([1.0]), torch.tensor([[1, 1, 0]]), num_tokens=10)
+    assert low == pytest.approx(1 / 3) and high == 0.0
+    loss, _, _ = policy_loss(logprobs, torch.tensor([[1.0]]), [[1, 1, 0]], divisor=10)
     assert loss.item() == pytest.approx(-(1.28 + 0.5) / 10, abs=1e-6)
 
 
 def _grad(ratio: float, advantage: float) -> float:
     logprob = torch.tensor([[math.log(ratio)]], requires_grad=True)
-    loss, _ = policy_loss(logprob, torch.zeros(1, 1), torch.tensor([advantage]), torch.ones(1, 1))
+    loss, _, _ = policy_loss(logprob, torch.tensor([[advantage]]), [[1.0]])
     loss.backward()
     return logprob.grad.item()
 
@@ -52,37 +60,31 @@ def test_clip_higher_removes_the_gradient_only_where_it_should():
     assert _grad(0.5, +1.0) != 0.0
     # asymmetric: 1.25 is inside the upper clip (0.28) although outside a symmetric 0.2 one; 0.75 is clipped below
     assert _grad(1.25, +1.0) != 0.0 and _grad(0.75, -1.0) == 0.0
-    _, stats = policy_loss(torch.log(torch.tensor([[1.25, 0.75]])), torch.zeros(1, 2), torch.tensor([1.0]),
-                           torch.ones(1, 2))
-    assert stats["clip_high"].item() == 0.0 and stats["clip_low"].item() == 0.0
-    _, stats = policy_loss(torch.log(torch.tensor([[1.25, 0.75]])), torch.zeros(1, 2), torch.tensor([-1.0]),
-                           torch.ones(1, 2))
-    assert stats["clip_low"].item() == 0.5 and stats["clip_high"].item() == 0.0
+    ratios = torch.log(torch.tensor([[1.25, 0.75]]))
+    assert policy_loss(ratios, torch.tensor([[1.0]]), [[1, 1]])[1:] == (0.0, 0.0)
+    assert policy_loss(ratios, torch.tensor([[-1.0]]), [[1, 1]])[1:] == (0.5, 0.0)
 
 
 def test_splitting_the_batch_with_the_global_token_count_gives_the_same_gradient():
     torch.manual_seed(0)
     weights = torch.randn(4, 6, requires_grad=True)  # stands in for the policy: logprobs = f(weights)
     old = torch.randn(4, 6) * 0.1
-    advantages = torch.tensor([1.0, -0.5, 0.3, -1.2])
+    advantages = torch.tensor([[1.0], [-0.5], [0.3], [-1.2]])
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
 
-    def logprobs(rows):
-        return torch.log_softmax(weights[rows], dim=-1)
+    def loss_of(rows, divisor):
+        per_token, _, _ = clipped_surrogate(torch.log_softmax(weights[rows], dim=-1), old[rows], advantages[rows])
+        return token_sum_loss(per_token, mask[rows], divisor)
 
-    whole, _ = policy_loss(logprobs(slice(0, 4)), old, advantages, mask)
-    whole.backward()
+    loss_of(slice(0, 4), int(mask.sum())).backward()
     reference = weights.grad.clone()
     weights.grad = None
-    total = int(mask.sum())
     for rows in (slice(0, 1), slice(1, 4)):  # two micro-batches (or two ranks) of unequal token counts
-        part, _ = policy_loss(logprobs(rows), old[rows], advantages[rows], mask[rows], num_tokens=total)
-        part.backward()
+        loss_of(rows, int(mask.sum())).backward()
     assert torch.allclose(weights.grad, reference, atol=1e-7)
     weights.grad = None
     for rows in (slice(0, 1), slice(1, 4)):  # dividing by local counts instead would not match
-        part, _ = policy_loss(logprobs(rows), old[rows], advantages[rows], mask[rows])
-        part.backward()
+        loss_of(rows, int(mask[rows].sum())).backward()
     assert not torch.allclose(weights.grad, reference, atol=1e-4)
 
 
@@ -206,3 +208,54 @@ def test_rollout_seeds_give_every_rank_prompt_and_sample_its_own_stream():
                for step in range(3) for rank in range(ranks) for i in range(per_step // ranks) for j in range(group)]
     assert len(set(streams)) == len(streams)
     assert rollout_seed(3, 0, 0, group, per_step) != rollout_seed(4, 0, 0, group, per_step)
+
+
+DYNAMIC_SAMPLING_FORK = """
+import sys
+import grpo
+
+recipe_grade = grpo.grade_groups
+
+
+def grade_and_drop_equal_groups(groups, args):  # DAPO's dynamic sampling: the one edit the fork makes
+    return [g for g in recipe_grade(groups, args) if len({s.reward for s in g}) > 1]
+
+
+grpo.grade_groups = grade_and_drop_equal_groups
+grpo.run_script(lambda: grpo.main(sys.argv[1:]))
+grpo.exit_without_teardown()
+"""
+
+
+def test_a_dynamic_sampling_fork_is_one_function_and_the_loop_follows(digit_model, tmp_path):
+    """Ranks keep different numbers of groups, and a step may keep none: the mini-batch cuts, the divisor,
+    the metrics and the optimizer follow what is left (no step for an empty batch)."""
+    import subprocess
+    import sys
+
+    fork = tmp_path / "grpo_dynamic_sampling.py"
+    fork.write_text(DYNAMIC_SAMPLING_FORK)
+
+    def run_fork(out, answer, steps):
+        data = write_prompts(tmp_path / f"{answer}.jsonl", 32, answer=answer)
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(fork), "--model", digit_model, "--data", data, "--output-dir", str(out),
+                                 *map(str, ["--global-batch-size", 4, *GRPO_SMALL, "--mini-batches", 3, "--max-steps",
+                                            steps, "--lr", 5e-4, "--group-size", 4])], cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return metrics(out)
+
+    rows = run_fork(tmp_path / "o", "7", 6)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for r in rows:
+        kept = r["groups_trained"]
+        assert 0 <= kept <= 4 and kept == round(4 * (1 - r["groups_all_equal"]))
+        assert r["optimizer_steps"] == (0 if kept == 0 else 3)  # 4 responses a group: 3 mini-batches on a rank
+    assert any(r["groups_trained"] % 2 for r in rows)  # an odd count: the ranks kept different numbers
+    # an answer no digit model gives: every group is all zeros, all are dropped, and nothing moves
+    rows = run_fork(tmp_path / "none", "none", 2)
+    assert [(r["groups_trained"], r["optimizer_steps"], r["training_tokens"]) for r in rows] == [(0, 0, 0)] * 2
+    before = load_file(os.path.join(digit_model, "model.safetensors"))
+    after = load_file(tmp_path / "none" / "model" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
