@@ -49,7 +49,8 @@ def parse_args(argv=None):
                    help="qwen2.5-vl-7b (default: the paper's model), tiny (2 layers: runs on CPU too) or a "
                         "Qwen2.5-VL config.json, e.g. the 3B's for smaller cards")
     p.add_argument("--gpus", type=int, help="processes, one per GPU (default: every visible GPU)")
-    p.add_argument("--output-dir", default="runs/gpu-check", help="model, data and each stage's output")
+    p.add_argument("--output-dir", default="runs/gpu-check",
+                   help="model, data and each stage's output (default runs/gpu-check)")
     p.add_argument("--sft-steps", type=int, default=4, help="SFT steps (default 4; the first is warm-up)")
     return p.parse_args(argv)
 
@@ -133,6 +134,8 @@ def main(argv=None):
     start = time.time()
     tokenizer = build_tokenizer(f"{out}/tokenizer", think_token=False)  # Qwen2.5-VL splits </think> too
     model = build_qwen2_5_vl_from_config(f"{out}/model", tokenizer, config, device="cuda" if gpu else "cpu")
+    if gpu:  # the weights drawn on GPU 0 are saved: give its memory back to the stages
+        torch.cuda.empty_cache()
     print(f"random-init weights in {model} ({time.time() - start:.0f} s)")
     data = write_data(f"{out}/data", tiny, sft_examples=8 * nproc * args.sft_steps, prompts=4 * nproc * 2)
     small = ["--max-length", 512, "--max-tokens-per-micro-batch", 2048] if tiny else []
