@@ -32,11 +32,6 @@ GIB = 2 ** 30
 
 # --- 1. measured -----------------------------------------------------------------------------------------
 
-def rss_gib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
-
-
 def measure(model_dir: str, stage: str, path: str) -> str:
     """Run one step in this process; return 'peak RSS, RSS before the step' in GiB."""
     import torch
@@ -44,7 +39,7 @@ def measure(model_dir: str, stage: str, path: str) -> str:
 
     from grpo import clipped_surrogate, token_sum_loss
     from packing import pack, target_logprobs
-    from training import load_model
+    from training import load_model, memory_in_use_gib
     model = load_model(model_dir, activation_checkpointing=False)
     torch.manual_seed(0)
     length = TOKENS // SEQUENCES
@@ -68,7 +63,7 @@ def measure(model_dir: str, stage: str, path: str) -> str:
             return full_logits_logprobs(with_entropy)
         return target_logprobs(model, batch, "cpu", with_entropy=with_entropy)
 
-    before = rss_gib()
+    before = memory_in_use_gib(torch.device("cpu"))
     if stage == "sft":
         (-logprobs_of()[0].sum()).backward()
     else:
