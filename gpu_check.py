@@ -82,8 +82,9 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def attention(stdout: str) -> str:
-    found = re.search(r"attention (\S+?),", stdout)
-    return found.group(1) if found else "?"
+    """The attention implementation and micro-batch layout a stage printed (sdpa/padded, ...)."""
+    found = re.search(r"attention (\S+?), layout (\S+?),", stdout)
+    return f"{found.group(1)}/{found.group(2)}" if found else "?"
 
 
 def language_parameters(model_dir: str) -> int:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from data import add_data_arguments, grade_many, load_records, run_script
 from data.prompts import image_refs
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
-from packing import micro_batches, pack, target_logprobs
+from packing import layout_for, micro_batches, pack, target_logprobs
 from training import (add_trainer_arguments, all_reduce_max, all_reduce_sum, as_many_on_every_rank,
                       exit_without_teardown, latest_checkpoint, sum_over_ranks)
 
@@ -91,7 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--mini-batches", type=int, default=4,
                    help="optimizer steps per rollout batch (paper: not stated; default 4, so that clipping acts)")
     p.add_argument("--max-tokens-per-micro-batch", type=int, default=16384,
-                   help="prompt + response tokens per forward pass and rank (default 16,384), packed into one row")
+                   help="prompt + response tokens per forward pass and rank, padding included (default 16,384, "
+                        "which fits a 7B on 80 GB GPUs with activation checkpointing: bench/memory.py); see --layout")
     p.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (paper: 3e-6)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up share of all steps (paper: 0.1)")
@@ -195,11 +196,11 @@ def grade_groups(groups: list[list[Sample]], args) -> list[list[Sample]]:
     return groups
 
 
-def collate(samples: list[Sample]):
-    """A micro-batch packed into one row; the targets are the response tokens, each predicted from the
-    position before it."""
+def collate(samples: list[Sample], layout: str):
+    """A micro-batch in the layout (packing.pack); the targets are the response tokens, each predicted from
+    the position before it."""
     return pack([s.prompt_ids + s.response_ids for s in samples],
-                [[(len(s.prompt_ids) - 1 + j, t) for j, t in enumerate(s.response_ids)] for s in samples])
+                [[(len(s.prompt_ids) - 1 + j, t) for j, t in enumerate(s.response_ids)] for s in samples], layout=layout)
 
 
 def per_sample(samples: list[Sample], values: torch.Tensor) -> list[torch.Tensor]:
@@ -215,7 +216,7 @@ def flat(values: list, device) -> torch.Tensor:
 def micro_batches_of(samples: list[Sample], args, device) -> list[list[Sample]]:
     """Samples cut by the token budget, in as many micro-batches as on every other rank (some may be empty)."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    groups = as_many_on_every_rank(micro_batches(lengths, args.max_tokens_per_micro_batch), device)
+    groups = as_many_on_every_rank(micro_batches(lengths, args.max_tokens_per_micro_batch, args.layout), device)
     return [[samples[i] for i in group] for group in groups]
 
 
@@ -227,7 +228,7 @@ def fill_logprobs(model, samples, attr, args, device, with_entropy=False) -> flo
     for chunk in micro_batches_of(samples, args, device):
         # the forward with targets that training.load_model installed (packing.install_target_logprobs):
         # the targets' log-probs, computed in chunks, never the full [tokens, vocabulary] logits
-        logprobs, entropy = target_logprobs(model, collate(chunk), device, args.temperature, with_entropy)
+        logprobs, entropy = target_logprobs(model, collate(chunk, args.layout), device, args.temperature, with_entropy)
         for s, values in zip(chunk, per_sample(chunk, logprobs)):
             setattr(s, attr, values)
         if with_entropy:
@@ -274,7 +275,7 @@ def update(model, optimizer, scheduler, params, samples: list[Sample], args, ste
         loss_sum = 0.0
         for chunk in micro_batches_of(mini, args, device):
             # the forward with targets installed by training.load_model (packing.install_target_logprobs)
-            logprobs, _ = target_logprobs(model, collate(chunk), device, args.temperature)
+            logprobs, _ = target_logprobs(model, collate(chunk, args.layout), device, args.temperature)
             loss, sums = mini_batch_loss(chunk, logprobs, divisor, args, device)
             (loss * world).backward()  # FSDP averages gradients over ranks; the divisor is global already
             loss_sum += loss.item()
@@ -374,7 +375,7 @@ def main(argv=None):
     from data.grading import start_grading_workers
     from data.records import DataError
     from engine import make_llm, on_gpu, shutdown_llm
-    from training import (MetricsLog, Timer, export_model, init_distributed, load_checkpoint, load_model,
+    from training import (MetricsLog, Timer, describe_setup, export_model, init_distributed, load_checkpoint, load_model,
                           memory_in_use_gib, peak_memory_gib, refuse_stale_checkpoints, save_checkpoint,
                           seed_everything, shard_model, step_indices, vision_tower, vision_trains)
 
@@ -412,9 +413,9 @@ def main(argv=None):
     model = shard_model(load_model(args.model, train=args.train, trust_remote_code=args.trust_remote_code,
                                    activation_checkpointing=args.activation_checkpointing,
                                    attn_implementation=args.attn_implementation), device)
+    args.layout = args.layout or layout_for(model.config._attn_implementation)
     if rank == 0:
-        print(f"model: {args.model} on {world} x {device.type}, attention {model.config._attn_implementation}, "
-              f"training {','.join(sorted(args.train))}")
+        print(describe_setup(model, args.model, world, device, args.layout, args.train))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(1, round(args.warmup_ratio * total_steps * args.mini_batches))

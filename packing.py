@@ -1,28 +1,54 @@
-"""Packed micro-batches, and the log-probabilities of their target tokens without [tokens, vocabulary]
-logits. Shared by sft.py and grpo.py.
+"""Micro-batches laid out for the attention kernel, and the log-probabilities of their target tokens
+without [tokens, vocabulary] logits. Shared by sft.py and grpo.py.
 
-Packing: a micro-batch's sequences are concatenated into one row [1, N] with position ids restarting
-at each sequence, and no attention mask. That single-row layout is the one transformers reads as packed
-sequences under flash-attention 2 (it checks `batch_size == 1` in modeling_flash_attention_utils.py,
-then attends within each sequence through varlen kernels); SDPA builds the same block-diagonal mask from
-the position ids. With several rows, flash-attention 2 would attend across the sequences of a row.
-Micro-batches are cut by a token budget, not a number of sequences: lengths are long-tailed.
+Two layouts, chosen by the attention implementation (layout_for), each the fast one for its kernel:
+- packed (flash-attention 2): a micro-batch's sequences concatenated into one row [1, N], positions
+  restarting at each sequence, no attention mask. transformers reads that single row as packed
+  sequences (it checks `batch_size == 1` in modeling_flash_attention_utils.py) and attends within each
+  sequence through varlen kernels: attention costs the sum of each sequence's square, and no padding.
+- padded (SDPA, eager): sequences sorted by length, each micro-batch's rows right-padded to its longest,
+  no attention mask. Under a causal mask a real token sees only earlier positions, all real, so the
+  padding changes nothing it computes, and SDPA runs its mask-free causal kernel. The same row under
+  SDPA packed would be dense [N, N] attention with a block-diagonal mask: 3-6x slower here.
+Micro-batches are cut by a token budget (padding included), not a number of sequences: lengths are
+long-tailed.
 
 Log-probabilities: at the paper's sizes (vocabulary 152,064; 16k tokens per micro-batch) fp32 logits
 alone take 9 GiB, and cross-entropy's intermediates as much again. Here the final hidden states are
-projected onto the vocabulary only where a target is, a chunk of positions at a time, and each chunk is
-recomputed in backward rather than stored: the peak is one chunk's logits.
+projected onto the vocabulary only where a target is, a chunk of positions at a time, and where there
+is more than one chunk each is recomputed in backward rather than stored: the peak is one chunk's logits.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_TOKENS = 1024  # positions per vocabulary projection: 1024 x 152,064 fp32 logits = 0.6 GiB
+# fp32 logits per vocabulary projection: 1,024 positions at Qwen2.5's vocabulary of 152,064 (0.58 GiB)
+CHUNK_LOGITS = 1024 * 152064
 
 
-def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Consecutive groups of indices whose lengths sum to at most max_tokens (a longer sequence alone)."""
+LAYOUTS = ("packed", "padded")
+
+
+def layout_for(attn_implementation: str) -> str:
+    """The micro-batch layout whose cost fits the kernel: packed where attention is varlen, else padded."""
+    return "packed" if attn_implementation.startswith("flash_attention") else "padded"
+
+
+# The cost of one more forward and backward, in padded tokens: what a split must save to be worth it.
+# bench/sft_throughput.py measures the step within 5% from 128 to 512 on CPU (where a tiny model's step
+# costs ~30 tokens per millisecond); a 7B layer's launches on a GPU cost less than a token's compute.
+MICRO_BATCH_COST_TOKENS = 128
+
+
+def micro_batches(lengths: list[int], max_tokens: int, layout: str = "packed") -> list[list[int]]:
+    """Groups of indices within max_tokens (a longer sequence alone). packed: consecutive sequences whose
+    lengths sum to the budget. padded: sequences longest first, split where it costs least: the fewest
+    padded tokens plus MICRO_BATCH_COST_TOKENS per group, each group's rows x longest within the budget."""
+    if layout == "padded":
+        return _padded_groups(lengths, max_tokens)
     groups, current, used = [], [], 0
     for index, length in enumerate(lengths):
         if current and used + length > max_tokens:
@@ -33,58 +59,96 @@ def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return groups + [current] if current else groups
 
 
+def _padded_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    # Longest first, a group is a run of that order, padded to its first. cost[j]: the cheapest split of the
+    # j longest, by dynamic programming over where the last group starts.
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    cost, start = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for first in range(end - 1, -1, -1):
+            rows, width = end - first, lengths[order[first]]
+            if rows > 1 and rows * width > max_tokens:
+                break
+            total = cost[first] + rows * width + MICRO_BATCH_COST_TOKENS
+            if total < cost[end]:
+                cost[end], start[end] = total, first
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start[end]:end])
+        end = start[end]
+    return groups[::-1]
+
+
 def pack(sequences: list[list[int]], targets: list[list[tuple[int, int]]],
-         rope_positions: list[torch.Tensor | None] | None = None) -> dict:
-    """One row of the sequences. targets[i] holds (position in sequence i, target token) pairs: the
-    token predicted from that position. Returns input_ids and positions [1, N], and the targets'
-    positions in the row and their token ids, in sequence order. rope_positions[i]: a VLM's [3, len]
-    multimodal rope positions of a sequence with images (None for text: its positions on all three
-    axes); given, the batch holds them for the row as [3, 1, N]. No sequences: one token and no target
-    (an empty micro-batch, that a rank runs to join the others' collectives)."""
+         rope_positions: list[torch.Tensor | None] | None = None, layout: str = "packed") -> dict:
+    """The sequences in rows of the layout: one row [1, N] (packed) or one right-padded row each [B, W]
+    (padded). targets[i] holds (position in sequence i, target token) pairs: the token predicted from
+    that position. Returns input_ids and positions [rows, width], and the targets' indices in the
+    flattened rows and their token ids, in sequence order. rope_positions[i]: a VLM's [3, len] multimodal
+    rope positions of a sequence with images (None for text: its positions on all three axes); given, the
+    batch holds them as [3, rows, width]. No sequences: one token and no target (an empty micro-batch,
+    that a rank runs to join the others' collectives)."""
     if not sequences:
         sequences, targets, rope_positions = [[0]], [[]], None
-    ids, positions, index, target_ids, offset = [], [], [], [], 0
-    for sequence, pairs in zip(sequences, targets):
-        ids += sequence
-        positions += range(len(sequence))
-        index += [offset + p for p, _ in pairs]
-        target_ids += [t for _, t in pairs]
-        offset += len(sequence)
-    batch = {"input_ids": torch.tensor([ids]), "positions": torch.tensor([positions]),
-             "target_index": torch.tensor(index, dtype=torch.long), "target_ids": torch.tensor(target_ids)}
     if rope_positions is not None:
-        batch["rope_positions"] = torch.cat([
-            torch.arange(len(seq)).expand(3, -1) if rope is None else rope
-            for seq, rope in zip(sequences, rope_positions)], dim=1).unsqueeze(1)
+        rope_positions = [torch.arange(len(seq)).expand(3, -1) if rope is None else rope
+                          for seq, rope in zip(sequences, rope_positions)]
+    if layout == "packed":
+        starts = [0]
+        for sequence in sequences[:-1]:
+            starts.append(starts[-1] + len(sequence))
+        rows = [[token for sequence in sequences for token in sequence]]
+        positions = [[p for sequence in sequences for p in range(len(sequence))]]
+        rope = torch.cat(rope_positions, dim=1).unsqueeze(1) if rope_positions is not None else None
+    else:
+        width = max(len(sequence) for sequence in sequences)
+        starts = [row * width for row in range(len(sequences))]
+        # padding repeats the row's last token; what it computes is never read
+        rows = [sequence + sequence[-1:] * (width - len(sequence)) for sequence in sequences]
+        positions = [list(range(width))] * len(sequences)
+        rope = None
+        if rope_positions is not None:  # padding continues each axis past the sequence's last position
+            rope = torch.stack([torch.cat([r, r.max() + 1 + torch.arange(width - r.shape[1]).expand(3, -1)], dim=1)
+                                for r in rope_positions], dim=1)
+    batch = {"input_ids": torch.tensor(rows), "positions": torch.tensor(positions),
+             "target_index": torch.tensor([start + p for start, pairs in zip(starts, targets) for p, _ in pairs],
+                                          dtype=torch.long),
+             "target_ids": torch.tensor([t for pairs in targets for _, t in pairs], dtype=torch.long)}
+    if rope is not None:
+        batch["rope_positions"] = rope
     return batch
 
 
-def _chunk_logprobs(hidden, target_ids, lm_head, temperature):
+def _chunk_logprobs(hidden, target_ids, lm_head, temperature, with_entropy):
     logits = lm_head(hidden).float() / temperature
-    return logits.gather(-1, target_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-@torch.no_grad()
-def _chunk_entropy(hidden, lm_head, temperature):
-    logits = lm_head(hidden).float() / temperature
-    return logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
+    normaliser = logits.logsumexp(-1)
+    logprobs = logits.gather(-1, target_ids[:, None]).squeeze(-1) - normaliser
+    if not with_entropy:
+        return logprobs, None
+    with torch.no_grad():  # from the same projection: entropy is logged, never trained on
+        return logprobs, normaliser - (logits.softmax(-1) * logits).sum(-1)
 
 
 def chunked_target_logprobs(hidden: torch.Tensor, lm_head, target_ids: torch.Tensor, temperature: float = 1.0,
-                            with_entropy: bool = False, chunk: int = CHUNK_TOKENS):
+                            with_entropy: bool = False, chunk: int | None = None):
     """log p(target) [M] at temperature for hidden states [M, H] (each predicting its target), and with
-    with_entropy the distribution's entropy [M] (no gradient). Gradients equal the unchunked computation's."""
+    with_entropy the distribution's entropy [M] (no gradient). chunk: positions per vocabulary projection
+    (default: CHUNK_LOGITS' worth). Gradients equal the unchunked computation's."""
+    chunk = chunk or max(1, CHUNK_LOGITS // lm_head.weight.shape[0])
+    # recomputed in backward where there are several chunks, so that one chunk's logits are alive at a time;
+    # a single chunk is used as soon as it is made, and storing it costs no more than recomputing would
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and len(target_ids) > chunk
     logprobs, entropy = [], []
     # at least one (possibly empty) chunk, so that the result is always connected to the model's graph: a
     # rank whose targets were all truncated away still runs backward through every FSDP unit
     for start in range(0, max(len(target_ids), 1), chunk):
         h, t = hidden[start:start + chunk], target_ids[start:start + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:  # recomputed in backward: one chunk's logits at a time
-            logprobs.append(checkpoint(_chunk_logprobs, h, t, lm_head, temperature, use_reentrant=False))
+        if recompute:
+            values, ent = checkpoint(_chunk_logprobs, h, t, lm_head, temperature, with_entropy, use_reentrant=False)
         else:
-            logprobs.append(_chunk_logprobs(h, t, lm_head, temperature))
-        if with_entropy:
-            entropy.append(_chunk_entropy(h.detach(), lm_head, temperature))
+            values, ent = _chunk_logprobs(h, t, lm_head, temperature, with_entropy)
+        logprobs.append(values)
+        entropy.append(ent)
     return torch.cat(logprobs), torch.cat(entropy) if with_entropy else None
 
 
@@ -111,7 +175,7 @@ def install_target_logprobs(model, vision_in_every_forward: bool = False) -> Non
             kwargs["inputs_embeds"] = model.get_input_embeddings()(input_ids) + 0.0 * blank
         # no KV cache: with one, transformers builds no packed-sequence mask (masking_utils checks
         # `past_key_values is None`), and Qwen2.5-VL's text config asks for a cache unless told otherwise
-        hidden = model.model(*args, use_cache=False, **kwargs).last_hidden_state[0, index]
+        hidden = model.model(*args, use_cache=False, **kwargs).last_hidden_state.flatten(0, 1)[index]
         return chunked_target_logprobs(hidden, model.lm_head, ids, temperature, with_entropy)
     model.forward = forward
 
@@ -126,9 +190,9 @@ def blank_image_features(model, device) -> torch.Tensor:
 
 
 def position_ids_for(model, batch: dict) -> torch.Tensor:
-    """Qwen2.5-VL takes [4, 1, N] for a packed row: the text positions, which transformers reads to keep
-    attention inside each sequence (modeling_qwen2_5_vl.py: `text_position_ids = position_ids[0]`), then
-    the three mrope axes, which place image tokens on the image's grid."""
+    """Qwen2.5-VL takes [4, rows, width]: the text positions, which transformers reads to keep attention
+    inside each sequence of a packed row (modeling_qwen2_5_vl.py: `text_position_ids = position_ids[0]`),
+    then the three mrope axes, which place image tokens on the image's grid."""
     positions = batch["positions"]
     if not hasattr(model.config, "vision_config"):
         return positions

@@ -26,11 +26,11 @@ from tqdm import tqdm
 from data import add_data_arguments, assistant_target, load_records, run_script
 from data.prompts import image_refs
 from engine import expand_image_pads, image_token_counts, images_of, open_image
-from packing import micro_batches, pack, target_logprobs
+from packing import layout_for, micro_batches, pack, target_logprobs
 from training import (MetricsLog, Timer, add_trainer_arguments, all_reduce_sum, as_many_on_every_rank, count_params,
-                      exit_without_teardown, export_model, init_distributed, latest_checkpoint, load_checkpoint,
-                      load_model, peak_flops, peak_memory_gib, refuse_stale_checkpoints, save_checkpoint,
-                      seed_everything, shard_model, step_indices, train_flops)
+                      describe_setup, exit_without_teardown, export_model, init_distributed, latest_checkpoint,
+                      load_checkpoint, load_model, peak_flops, peak_memory_gib, refuse_stale_checkpoints,
+                      save_checkpoint, seed_everything, shard_model, step_indices, train_flops)
 
 IGNORE = -100
 
@@ -50,8 +50,10 @@ def parse_args(argv=None):
                    help="gradient clipping norm; 0 = off (paper: not stated; the norm is logged either way)")
     p.add_argument("--global-batch-size", type=int, default=128, help="sequences per optimizer step (paper: 128)")
     p.add_argument("--max-tokens-per-micro-batch", type=int, default=16384,
-                   help="tokens per forward pass and rank (default 16,384: the paper's 4 sequences x 4,096); a "
-                        "micro-batch's sequences are packed into one row, attention kept inside each sequence")
+                   help="tokens per forward pass and rank, padding included (default 16,384: the paper's 4 "
+                        "sequences x 4,096, which fits a 7B on 80 GB GPUs with activation checkpointing: "
+                        "bench/memory.py). It bounds memory; speed barely depends on it (padded rows split by cost, "
+                        "see --layout)")
     p.add_argument("--max-length", type=int, default=4096, help="tokens per sequence, prompt included (paper: 4096)")
     p.add_argument("--long-examples", choices=["truncate", "drop"], default="truncate",
                    help="over-length examples: cut at --max-length (default, as the paper) or drop them")
@@ -104,13 +106,15 @@ def tokenize(records, tokenizer, args, image_processor=None):
     return examples, skipped
 
 
-def collate(examples, model=None, image_processor=None):
-    """A micro-batch packed into one row; the targets are the labelled (assistant) positions. With images,
-    their pixels and grids for the vision tower and each image sequence's mrope positions (from the model)."""
+def collate(examples, layout: str = "packed", model=None, image_processor=None):
+    """A micro-batch in the layout (packing.pack); the targets are the labelled (assistant) positions. With
+    images, their pixels and grids for the vision tower and each image sequence's mrope positions (from
+    the model)."""
     targets = [[(t, label) for t, label in enumerate(e.labels) if label != IGNORE] for e in examples]
     if not any(e.images for e in examples):
-        return pack([e.ids for e in examples], targets)
-    batch = pack([e.ids for e in examples], targets, [rope_positions(model, e) if e.images else None for e in examples])
+        return pack([e.ids for e in examples], targets, layout=layout)
+    batch = pack([e.ids for e in examples], targets, [rope_positions(model, e) if e.images else None for e in examples],
+                 layout)
     batch.update(image_processor(images=[open_image(ref) for e in examples for ref in e.images], return_tensors="pt"))
     return batch
 
@@ -177,9 +181,9 @@ def main(argv=None):
     text_config = getattr(model.config, "text_config", model.config)
     n_params = count_params(model) - model.get_input_embeddings().weight.numel()
     model = shard_model(model, device, images)
+    layout = args.layout or layout_for(model.config._attn_implementation)
     if rank == 0:
-        print(f"model: {args.model} on {world} x {device.type}, attention {model.config._attn_implementation}, "
-              f"training {','.join(sorted(args.train))}")
+        print(describe_setup(model, args.model, world, device, layout, args.train))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
@@ -210,9 +214,10 @@ def main(argv=None):
         local_targets = sum(sum(1 for t in e.labels if t != IGNORE) for e in mine)
         global_targets = all_reduce_sum(local_targets, device).item()
         loss_sum = 0.0
-        groups = micro_batches([len(e.ids) for e in mine], args.max_tokens_per_micro_batch)
+        groups = micro_batches([len(e.ids) for e in mine], args.max_tokens_per_micro_batch, layout)
         for group in as_many_on_every_rank(groups, device):
-            token_loss = summed_token_loss(model, collate([mine[i] for i in group], model, image_processor), device)
+            batch = collate([mine[i] for i in group], layout, model, image_processor)
+            token_loss = summed_token_loss(model, batch, device)
             # FSDP averages gradients over ranks: scale by world / global count to get the global token mean.
             (token_loss * world / max(global_targets, 1.0)).backward()
             loss_sum += token_loss.item()

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine import on_gpu
+from packing import LAYOUTS
 
 CHECKPOINT_DIR = "checkpoints"
 # Ranks wait at collectives while others finish a rollout batch (up to 4,096 tokens x 8 x 16 prompts each
@@ -32,10 +33,15 @@ def add_trainer_arguments(parser) -> None:
                              "features into the language model's embedding space), vision (its vision tower); the "
                              "rest is frozen. Default language: the paper's frozen vision encoder and projector. "
                              "LLaVA-style alignment: projector; Qwen2-VL's first stage: projector,vision")
-    parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
-                        help="keep every layer's activations instead of recomputing them in backward (default: "
-                             "recompute; a 7B model keeps ~7 MiB per token without it)")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                        help="recompute each layer's activations in backward instead of keeping them. Default: on "
+                             "with GPUs (a 7B keeps ~7 MiB per token without it: 16k tokens take 112 GiB), off on "
+                             "CPU (host memory holds a small model's activations, and recomputing costs a forward)")
     parser.add_argument("--attn-implementation", help="default: flash_attention_2 if installed on GPU, else sdpa")
+    parser.add_argument("--layout", choices=LAYOUTS,
+                        help="micro-batch layout: packed (one row, restarting positions) or padded (rows sorted by "
+                             "length, right-padded). Default: packed under flash-attention (varlen kernels), padded "
+                             "under sdpa and eager, where a packed row is dense attention over the whole row")
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default 2)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     parser.add_argument("--wandb-project", help="also log to this wandb project (needs wandb installed)")
@@ -139,12 +145,13 @@ def default_attn_implementation() -> str:
 
 
 def load_model(path: str, *, train: frozenset[str] = frozenset({"language"}), images_in_batches: bool = False,
-               activation_checkpointing: bool = True, attn_implementation: str | None = None,
+               activation_checkpointing: bool | None = None, attn_implementation: str | None = None,
                trust_remote_code: bool = False):
     """The policy in fp32 master weights (FSDP casts to bf16 for compute on GPU); only the parts in train
     (MODEL_PARTS) require gradients. `model(..., targets=...)` gives target log-probabilities without full
     logits (packing.install_target_logprobs). images_in_batches: some micro-batches hold images (so, with a
-    part of the vision tower training, every micro-batch runs the tower; text-only training never does)."""
+    part of the vision tower training, every micro-batch runs the tower; text-only training never does).
+    activation_checkpointing None: on with GPUs, off on CPU (--activation-checkpointing's default)."""
     from engine import load_hf_model
     from packing import install_target_logprobs
 
@@ -158,11 +165,18 @@ def load_model(path: str, *, train: frozenset[str] = frozenset({"language"}), im
     if "language" not in train and not images_in_batches:
         raise SystemExit(f"error: --train {','.join(sorted(train))} trains the vision side only, and the data has "
                          "no images: nothing would learn")
-    if activation_checkpointing:
+    if on_gpu() if activation_checkpointing is None else activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     install_target_logprobs(model, vision_in_every_forward=images_in_batches and vision_trains(model))
     return model
+
+
+def describe_setup(model, path: str, world: int, device, layout: str, train: frozenset[str]) -> str:
+    """The line a run prints about what it computes with: model, devices, kernel, layout, recompute, parts."""
+    checkpointing = "on" if model.is_gradient_checkpointing else "off"
+    return (f"model: {path} on {world} x {device.type}, attention {model.config._attn_implementation}, layout {layout}, "
+            f"activation checkpointing {checkpointing}, training {','.join(sorted(train))}")
 
 
 def vision_trains(model) -> bool:

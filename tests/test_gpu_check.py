@@ -18,7 +18,7 @@ def test_the_tiny_check_runs_every_stage_and_prints_its_table(tmp_path):
     rows = {line.split("  ")[0].strip(): line for line in table.splitlines()[3:] if line.strip()}
     assert {"sft (training)", "grpo 1 rollout", "grpo 1 training", "grpo 1 wake + sync", "grpo 2 wake + sync",
             "evaluate (text + image)"} <= set(rows)
-    assert "sdpa" in rows["sft (training)"] and "sdpa" in rows["grpo 2 training"]
+    assert "sdpa/padded" in rows["sft (training)"] and "sdpa/padded" in rows["grpo 2 training"]
     assert "greedy match 1.00, log-prob gap 0.0000" in rows["grpo 2 wake + sync"]  # fp32 on CPU: exact
     assert "forced exit at 16: 8/8 closed" in rows["evaluate (text + image)"]
     assert result.stdout.strip().endswith("gpu-check: every stage ran and every check passed")

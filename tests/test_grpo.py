@@ -181,9 +181,10 @@ def test_a_non_finite_loss_stops_the_run(qwen2_single, tmp_path):
     assert not os.path.exists(tmp_path / "o" / "checkpoints")
 
 
-def test_vlm_policy_log_probs_on_text_are_packing_invariant(qwen2_5_vl):
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_vlm_policy_log_probs_on_text_are_layout_invariant(qwen2_5_vl, layout):
     """The GRPO training side with a Qwen2.5-VL policy (vision tower frozen, 4-row position ids): log-probs
-    of samples packed into one row equal those of each sample alone."""
+    of samples in one micro-batch, packed or padded, equal those of each sample alone."""
     import argparse
 
     from grpo import fill_logprobs
@@ -192,7 +193,7 @@ def test_vlm_policy_log_probs_on_text_are_packing_invariant(qwen2_5_vl):
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".visual." in f".{n}")
     samples = [Sample(None, [5, 6, 7], [8, 9, 10, 11], [0.0] * 4, [], False, ""),
                Sample(None, [5, 6, 7, 12, 13, 14], [15, 16], [0.0] * 2, [], False, "")]
-    args = argparse.Namespace(max_tokens_per_micro_batch=64, temperature=1.0, mask_truncated=False)
+    args = argparse.Namespace(max_tokens_per_micro_batch=64, temperature=1.0, mask_truncated=False, layout=layout)
     entropy = fill_logprobs(model, samples, "old_logprobs", args, device="cpu", with_entropy=True)
     assert entropy > 0 and [len(s.old_logprobs) for s in samples] == [4, 2]
     for s in samples:

@@ -1,16 +1,44 @@
-"""packing.py: token-budget micro-batches, one-row packing, and chunked target log-probabilities that
-equal the unchunked computation, gradients included."""
+"""packing.py: token-budget micro-batches in both layouts (one packed row; length-sorted padded rows), and
+chunked target log-probabilities that equal the unchunked computation, gradients included."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from packing import chunked_target_logprobs, micro_batches, pack
+from packing import MICRO_BATCH_COST_TOKENS, chunked_target_logprobs, layout_for, micro_batches, pack
 
 
 def test_micro_batches_by_token_budget():
     assert micro_batches([5, 3, 4, 10, 1, 1], 8) == [[0, 1], [2], [3], [4, 5]]  # 10 > 8 goes alone
     assert micro_batches([2, 2, 2], 100) == [[0, 1, 2]]
     assert micro_batches([], 8) == []
+
+
+def test_padded_micro_batches_sort_by_length_and_split_where_padding_costs_more_than_a_pass():
+    assert MICRO_BATCH_COST_TOKENS == 128  # the values below are computed by hand for it
+    # longest first: 10 alone (over the budget), 5 with 4 would be 2 x 5 = 10 > 8, then 4 and 3 (2 x 4 = 8)
+    assert micro_batches([5, 3, 4, 10, 1, 1], 8, "padded") == [[3], [0], [2, 1], [4, 5]]
+    # one group: 5 x 1,000 + 128 = 5,128 tokens' cost; split: 2 x 1,000 + 128 + 3 x 10 + 128 = 2,286
+    assert micro_batches([1000, 990, 10, 10, 10], 100000, "padded") == [[0, 1], [2, 3, 4]]
+    # a split that saves fewer padded tokens than a pass costs is not taken: 3 x 300 + 128 < 2 x 300 + 250 + 2 x 128
+    assert micro_batches([300, 300, 250], 100000, "padded") == [[0, 1, 2]]
+    assert micro_batches([], 8, "padded") == []
+
+
+def test_the_layout_follows_the_attention_kernel():
+    assert layout_for("flash_attention_2") == "packed" and layout_for("flash_attention_3") == "packed"
+    assert layout_for("sdpa") == "padded" and layout_for("eager") == "padded"
+
+
+def test_pad_puts_each_sequence_in_its_own_row_and_maps_targets_into_the_flattened_rows():
+    batch = pack([[1, 2, 3], [4, 5]], [[(1, 3), (0, 2)], [(0, 5)]], layout="padded")
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 5]]
+    assert batch["positions"].tolist() == [[0, 1, 2], [0, 1, 2]]  # increasing in every row: no packing seen
+    assert batch["target_index"].tolist() == [1, 0, 3] and batch["target_ids"].tolist() == [3, 2, 5]
+    rope = pack([[1, 2, 3], [4, 5]], [[], []], [torch.tensor([[0, 1, 1], [0, 1, 2], [0, 2, 1]]), None], "padded")
+    assert rope["rope_positions"].shape == (3, 2, 3)
+    assert rope["rope_positions"][:, 0].tolist() == [[0, 1, 1], [0, 1, 2], [0, 2, 1]]
+    assert rope["rope_positions"][:, 1].tolist() == [[0, 1, 2]] * 3  # text: its positions, padding continues
+
 
 
 def test_pack_concatenates_with_restarting_positions_and_maps_targets():

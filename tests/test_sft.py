@@ -39,15 +39,19 @@ def weights(out):
     return load_file(os.path.join(out, "model", "model.safetensors"))
 
 
-def test_loss_is_the_same_however_the_batch_is_split(qwen2_single, tmp_path):
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_loss_is_the_same_however_the_batch_is_split(qwen2_single, tmp_path, layout):
     data = write_data(tmp_path / "d.jsonl", 16)
-    common = ["--global-batch-size", "4", "--max-steps", "4"]
+    common = ["--global-batch-size", "4", "--max-steps", "4", "--layout", layout]
     fast = ["--no-activation-checkpointing"]
-    run_sft(qwen2_single, data, tmp_path / "one", *common, *fast, "--max-tokens-per-micro-batch", "4096")
+    one = run_sft(qwen2_single, data, tmp_path / "one", *common, *fast, "--max-tokens-per-micro-batch", "4096")
+    assert f"attention sdpa, layout {layout}, activation checkpointing off" in one.stdout
     run_sft(qwen2_single, data, tmp_path / "accum", *common, *fast, "--max-tokens-per-micro-batch", "200")
     run_sft(qwen2_single, data, tmp_path / "ranks", *common, *fast, "--max-tokens-per-micro-batch", "300", nproc=2)
-    assert _micro_batch_counts_differ_between_ranks(qwen2_single, data, 4, 300, steps=4)
-    run_sft(qwen2_single, data, tmp_path / "recompute", *common, "--max-tokens-per-micro-batch", "4096")
+    assert _micro_batch_counts_differ_between_ranks(qwen2_single, data, 4, 300, layout, steps=4)
+    recompute = run_sft(qwen2_single, data, tmp_path / "recompute", *common, "--activation-checkpointing",
+                        "--max-tokens-per-micro-batch", "4096")
+    assert "activation checkpointing on" in recompute.stdout
     reference = losses(tmp_path / "one")
     assert len(reference) == 4 and reference[0] > reference[-1]  # it learns
     for run in ("accum", "ranks", "recompute"):
@@ -58,7 +62,7 @@ def test_loss_is_the_same_however_the_batch_is_split(qwen2_single, tmp_path):
     assert row["peak_memory_gib"] > 0.1
 
 
-def _micro_batch_counts_differ_between_ranks(model, data, global_batch, budget, steps) -> bool:
+def _micro_batch_counts_differ_between_ranks(model, data, global_batch, budget, layout, steps) -> bool:
     """Whether, in some step, the two ranks' shares cut into different numbers of micro-batches (each rank
     must then still run as many forward and backward passes as the other, or FSDP's collectives hang)."""
     from transformers import AutoTokenizer
@@ -72,18 +76,20 @@ def _micro_batch_counts_differ_between_ranks(model, data, global_batch, budget, 
     for step in range(steps):
         indices = step_indices(len(examples), global_batch, step, per_epoch, 0)
         half = global_batch // 2
-        counts = {len(micro_batches([len(examples[i][0]) for i in indices[r * half:(r + 1) * half]], budget))
+        counts = {len(micro_batches([len(examples[i][0]) for i in indices[r * half:(r + 1) * half]], budget, layout))
                   for r in range(2)}
         if len(counts) > 1:
             return True
     return False
 
 
-@pytest.mark.parametrize("n_examples", [16, 12], ids=["mid-epoch", "epoch-boundary"])
-def test_resume_gives_identical_parameters(qwen2_single, tmp_path, n_examples):
+@pytest.mark.parametrize("n_examples,layout", [(16, "padded"), (12, "packed")],
+                         ids=["mid-epoch-padded", "epoch-boundary-packed"])
+def test_resume_gives_identical_parameters(qwen2_single, tmp_path, n_examples, layout):
     # 4 per step: 16 examples = 4 steps per epoch (stop mid-epoch), 12 = 3 (stop exactly at the boundary).
     data = write_data(tmp_path / "d.jsonl", n_examples)
-    common = ["--global-batch-size", "4", "--max-tokens-per-micro-batch", "300", "--epochs", "2", "--lr", "1e-3"]
+    common = ["--global-batch-size", "4", "--max-tokens-per-micro-batch", "300", "--epochs", "2", "--lr", "1e-3",
+              "--layout", layout]
     run_sft(qwen2_single, data, tmp_path / "full", *common, "--max-steps", "6")
     run_sft(qwen2_single, data, tmp_path / "split", *common, "--max-steps", "3")
     resumed = run_sft(qwen2_single, data, tmp_path / "split", *common, "--max-steps", "6", "--resume")
@@ -134,7 +140,8 @@ def _packed_inputs(model):
     return seen, handle
 
 
-def test_a_micro_batch_is_one_packed_row_and_its_loss_is_the_per_example_loss(qwen2_single, tmp_path):
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_a_micro_batch_in_either_layout_has_the_per_example_loss_and_gradients(qwen2_single, tmp_path, layout):
     from transformers import AutoTokenizer
 
     from training import load_model
@@ -146,16 +153,20 @@ def test_a_micro_batch_is_one_packed_row_and_its_loss_is_the_per_example_loss(qw
     lengths = [len(e.ids) for e in examples]
     assert len(set(lengths)) > 1
     seen, handle = _packed_inputs(model)
-    packed = sft.summed_token_loss(model, sft.collate(examples), "cpu")
+    together = sft.summed_token_loss(model, sft.collate(examples, layout), "cpu")
     handle.remove()
     (inputs,) = seen
-    # exactly the layout flash-attention 2 reads as packed sequences: one row, restarting positions, no mask
-    assert inputs["input_ids"].shape == (1, sum(lengths)) and inputs.get("attention_mask") is None
-    assert inputs["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert inputs.get("attention_mask") is None
+    if layout == "packed":  # exactly what flash-attention 2 reads as packed sequences: one row, restarting positions
+        assert inputs["input_ids"].shape == (1, sum(lengths))
+        assert inputs["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    else:  # a row each, padded after its last token, where causal attention never looks back at it
+        assert inputs["input_ids"].shape == (len(lengths), max(lengths))
+        assert inputs["position_ids"].tolist() == [list(range(max(lengths)))] * len(lengths)
     single = sum(sft.summed_token_loss(model, sft.collate([e]), "cpu") for e in examples)
-    assert packed.item() == pytest.approx(single.item(), rel=1e-5)
+    assert together.item() == pytest.approx(single.item(), rel=1e-5)
     # and the gradients, too
-    packed.backward()
+    together.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     single = sum(sft.summed_token_loss(model, sft.collate([e]), "cpu") for e in examples)
@@ -206,7 +217,9 @@ def test_non_finite_loss_stops_without_a_checkpoint(qwen2_single, tmp_path):
                         "--max-length", 256, check=False)
     assert result.returncode != 0
     assert "the loss is nan" in result.stderr or "the loss is inf" in result.stderr
-    assert f"model: {qwen2_single} on 1 x cpu, attention sdpa, training language" in result.stdout
+    # the defaults on CPU: SDPA, so padded rows; memory to spare, so no recomputation
+    assert (f"model: {qwen2_single} on 1 x cpu, attention sdpa, layout padded, activation checkpointing off, "
+            "training language") in result.stdout
     assert not os.path.exists(tmp_path / "o" / "checkpoints") or not os.listdir(tmp_path / "o" / "checkpoints")
 
 

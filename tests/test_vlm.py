@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -138,7 +139,9 @@ def _sum_records(tmp_path):
     return load_records(str(tmp_path / "d.jsonl"))
 
 
-def test_sft_packs_image_examples_with_their_mrope_positions_as_the_models_own_forward(qwen2_5_vl, tmp_path):
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_sft_lays_out_image_examples_with_their_mrope_positions_as_the_models_own_forward(qwen2_5_vl, tmp_path,
+                                                                                         layout):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     import sft
@@ -151,7 +154,7 @@ def test_sft_packs_image_examples_with_their_mrope_positions_as_the_models_own_f
     with torch.no_grad():
         for param in model.parameters():  # larger weights, so that wrong positions would show
             param.mul_(4.0)
-        batch = sft.collate(examples, model, processor)
+        batch = sft.collate(examples, layout, model, processor)
         packed, _ = model(input_ids=batch["input_ids"], position_ids=position_ids_for(model, batch),
                           targets=(batch["target_index"], batch["target_ids"]), pixel_values=batch["pixel_values"],
                           image_grid_thw=batch["image_grid_thw"])
@@ -172,7 +175,7 @@ def test_sft_packs_image_examples_with_their_mrope_positions_as_the_models_own_f
     assert batch["pixel_values"].shape[0] == 4 * 20 and batch["image_grid_thw"].shape == (4, 3)
     assert torch.allclose(packed, torch.stack(reference), atol=1e-4)
     # an image's tokens sit on its grid: rope axes differ from the text positions there
-    assert not torch.equal(batch["rope_positions"][1:, 0], batch["positions"].expand(2, -1))
+    assert not torch.equal(batch["rope_positions"][1:], batch["positions"].expand(2, -1, -1))
 
 
 def test_sft_aligns_the_projector_alone_on_two_ranks_and_resumes_to_the_same_weights(qwen2_5_vl, tmp_path):
