@@ -188,6 +188,17 @@ def budget_args(budget: int | None, exit_ids: list[int], close_ids: list[int] | 
 
 # --- the transformers backend (a reference for vLLM) ---------------------------------------------------
 
+def load_image_processor(model: str, where: str, trust_remote_code: bool = False):
+    """A VLM's image processor, for data that holds images; a text model is refused in one line that names
+    where the first image is."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from data.records import DataError
+    if not hasattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), "vision_config"):
+        raise DataError(f"{where}: the prompt holds images, and {model} is a text model (no vision tower)")
+    return AutoImageProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+
+
 def open_image(ref):
     from PIL import Image
     return Image.open(ref).convert("RGB") if isinstance(ref, str) else ref

@@ -10,6 +10,8 @@ token-sum loss divided by the number of response tokens in the whole global batc
 penalty against the starting model. Each rollout batch is split into --mini-batches optimizer steps,
 so that the ratio moves away from 1 and the clip acts (with one step per batch it never would).
 After each rollout batch's last optimizer step the new weights are loaded into the engines.
+The recipe's prompts are text; prompts with images (a VLM policy) are rolled out and trained on with
+their images, the multimodal-RL ablation (the vision tower stays frozen unless --train names it).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import torch.distributed as dist
 from data import add_data_arguments, grade_many, load_records, run_script
 from data.prompts import image_refs
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
-from packing import layout_for, micro_batches, pack, target_logprobs
+from engine import expand_image_pads, image_token_counts, images_of, load_image_processor
+from packing import collate_sequences, layout_for, micro_batches, target_logprobs
 from training import (add_trainer_arguments, all_reduce_max, all_reduce_sum, as_many_on_every_rank,
                       exit_without_teardown, latest_checkpoint, sum_over_ranks)
 
@@ -134,11 +137,15 @@ def parse_args(argv=None):
 # --- rollouts and log-probabilities ------------------------------------------------------------------------
 
 class Sample:
-    """One response: its tokens, which of them enter the loss, its reward and log-probabilities."""
+    """One response: its tokens, which of them enter the loss, its reward and log-probabilities, and its
+    prompt's images (files or PIL images) with their patch grid, for the trainer's forward."""
 
-    def __init__(self, record, prompt_ids, response_ids, vllm_logprobs, forced, truncated, text):
+    def __init__(self, record, prompt_ids, response_ids, vllm_logprobs, forced, truncated, text,
+                 image_grid_thw=None):
         self.record, self.prompt_ids, self.response_ids = record, prompt_ids, response_ids
         self.vllm_logprobs, self.forced, self.truncated, self.text = vllm_logprobs, forced, truncated, text
+        self.images = image_refs(record.messages) if image_grid_thw is not None else []
+        self.image_grid_thw = image_grid_thw
         self.reward = self.advantage = 0.0
         self.old_logprobs = self.ref_logprobs = None
 
@@ -155,27 +162,58 @@ def rollout_seed(seed: int, step: int, prompt_index: int, group_size: int, promp
     return seed * 2 ** 40 + (step * prompts_per_step + prompt_index) * group_size
 
 
-def rollout(llm, records, prompts, args, step: int, exit_ids, tokenizer, first_index: int) -> list[list[Sample]]:
+def tokenize_prompts(records, tokenizer, image_processor=None) -> tuple[list[list[int]], list]:
+    """Each record's prompt ids, and its images' patch grid (None for a text prompt). An image prompt has
+    one <|image_pad|> per merged patch of each image, as the model's processor (and vLLM) lays it out."""
+    prompts, grids = [], []
+    for record in records:
+        text = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
+        grid = None
+        if image_refs(record.messages):
+            grid = image_processor(images=images_of(record.messages), return_tensors="pt")["image_grid_thw"]
+            text = expand_image_pads(text, iter(image_token_counts(grid, image_processor.merge_size)))
+        prompts.append(tokenizer.encode(text, add_special_tokens=False))
+        grids.append(grid)
+    return prompts, grids
+
+
+def engine_request(record, prompt_ids, tokenizer) -> dict:
+    """What vLLM is asked to continue: the prompt's ids, or for an image prompt its text and images
+    (vLLM expands the image tokens itself; given expanded ids it would expand them again)."""
+    if not image_refs(record.messages):
+        return {"prompt_token_ids": prompt_ids}
+    return {"prompt": tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True),
+            "multi_modal_data": {"image": images_of(record.messages)}}
+
+
+def rollout(llm, records, prompts, grids, args, step: int, exit_ids, tokenizer, first_index: int,
+            stop_ids: list[int]) -> list[list[Sample]]:
     """One group per prompt: its group_size responses. first_index is this rank's first prompt in the global
-    batch."""
+    batch. stop_ids end a response besides EOS: a VLM's image and video placeholders, which the trainer's
+    forward would take for an image's place (vLLM embeds a sampled one as text)."""
     from vllm import SamplingParams
 
     from engine import budget_args
     params = [SamplingParams(n=args.group_size, temperature=args.temperature, top_p=args.top_p,
-                             max_tokens=args.max_response_length, logprobs=0,
+                             max_tokens=args.max_response_length, logprobs=0, stop_token_ids=stop_ids,
                              seed=rollout_seed(args.seed, step, first_index + i, args.group_size,
                                                args.global_batch_size),
                              extra_args=budget_args(args.think_budget, exit_ids))
               for i in range(len(records))]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outputs = llm.generate([engine_request(r, p, tokenizer) for r, p in zip(records, prompts)], params,
+                           use_tqdm=False)
     groups = []
-    for record, prompt_ids, output in zip(records, prompts, outputs):
+    for record, prompt_ids, grid, output in zip(records, prompts, grids, outputs):
+        if list(output.prompt_token_ids) != prompt_ids:  # the trainer must score what the engine sampled from
+            raise RuntimeError(f"vLLM laid out the prompt of id {record.id} differently from the model's processor "
+                               f"({len(output.prompt_token_ids)} tokens against {len(prompt_ids)})")
         group = []
         for o in output.outputs:
             ids = list(o.token_ids)
             forced = count_forced(ids, args.think_budget, exit_ids) if args.think_budget is not None else []
             group.append(Sample(record, prompt_ids, ids, [lp[t].logprob for lp, t in zip(o.logprobs, ids)],
-                                forced, o.finish_reason == "length", tokenizer.decode(ids, skip_special_tokens=True)))
+                                forced, o.finish_reason == "length", tokenizer.decode(ids, skip_special_tokens=True),
+                                grid))
         groups.append(group)
     return groups
 
@@ -196,11 +234,15 @@ def grade_groups(groups: list[list[Sample]], args) -> list[list[Sample]]:
     return groups
 
 
-def collate(samples: list[Sample], layout: str):
+def collate(samples: list[Sample], layout: str, model=None, image_processor=None):
     """A micro-batch in the layout (packing.pack); the targets are the response tokens, each predicted from
-    the position before it."""
-    return pack([s.prompt_ids + s.response_ids for s in samples],
-                [[(len(s.prompt_ids) - 1 + j, t) for j, t in enumerate(s.response_ids)] for s in samples], layout=layout)
+    the position before it. The last response token predicts nothing, so it is not an input: a response
+    that ends in a VLM's image placeholder (a stop token of the rollout) then has no placeholder without
+    its image. Image prompts bring their pixels and mrope positions (packing.collate_sequences)."""
+    return collate_sequences([s.prompt_ids + s.response_ids[:-1] for s in samples],
+                             [[(len(s.prompt_ids) - 1 + j, t) for j, t in enumerate(s.response_ids)] for s in samples],
+                             layout, [s.images for s in samples], [s.image_grid_thw for s in samples], model,
+                             image_processor)
 
 
 def per_sample(samples: list[Sample], values: torch.Tensor) -> list[torch.Tensor]:
@@ -221,14 +263,15 @@ def micro_batches_of(samples: list[Sample], args, device) -> list[list[Sample]]:
 
 
 @torch.no_grad()
-def fill_logprobs(model, samples, attr, args, device, with_entropy=False) -> float:
+def fill_logprobs(model, samples, attr, args, device, with_entropy=False, image_processor=None) -> float:
     """Store each sample's response log-probs under `attr`; with_entropy, return the summed entropy of
     the tokens that enter the loss."""
     entropy_sum = 0.0
     for chunk in micro_batches_of(samples, args, device):
         # the forward with targets that training.load_model installed (packing.install_target_logprobs):
         # the targets' log-probs, computed in chunks, never the full [tokens, vocabulary] logits
-        logprobs, entropy = target_logprobs(model, collate(chunk, args.layout), device, args.temperature, with_entropy)
+        batch = collate(chunk, args.layout, model, image_processor)
+        logprobs, entropy = target_logprobs(model, batch, device, args.temperature, with_entropy)
         for s, values in zip(chunk, per_sample(chunk, logprobs)):
             setattr(s, attr, values)
         if with_entropy:
@@ -261,7 +304,8 @@ def mini_batch_loss(chunk: list[Sample], logprobs, divisor: float, args, device)
     return token_sum_loss(per_token, weights, divisor), sums
 
 
-def update(model, optimizer, scheduler, params, samples: list[Sample], args, step: int, device) -> tuple[dict, dict]:
+def update(model, optimizer, scheduler, params, samples: list[Sample], args, step: int, device,
+           image_processor=None) -> tuple[dict, dict]:
     """--mini-batches optimizer steps over the samples in a seeded random order, the mini-batches cut as
     evenly as the count allows. Returns (the global loss and grad norm summed over the steps taken, and
     their count; this rank's weighted token sums for the metrics)."""
@@ -275,7 +319,8 @@ def update(model, optimizer, scheduler, params, samples: list[Sample], args, ste
         loss_sum = 0.0
         for chunk in micro_batches_of(mini, args, device):
             # the forward with targets installed by training.load_model (packing.install_target_logprobs)
-            logprobs, _ = target_logprobs(model, collate(chunk, args.layout), device, args.temperature)
+            logprobs, _ = target_logprobs(model, collate(chunk, args.layout, model, image_processor), device,
+                                          args.temperature)
             loss, sums = mini_batch_loss(chunk, logprobs, divisor, args, device)
             (loss * world).backward()  # FSDP averages gradients over ranks; the divisor is global already
             loss_sum += loss.item()
@@ -352,15 +397,19 @@ def sync_weights(llm, model) -> None:
     llm.llm_engine.reset_encoder_cache()
 
 
-def greedy_match(llm, model, prompt_ids: list[int], device, n: int = 16) -> float:
-    """Fraction of n greedy tokens on which vLLM and the policy agree (a check that the sync took)."""
+def greedy_match(llm, model, record, prompt_ids: list[int], tokenizer, image_processor, device, n: int = 16) -> float:
+    """Fraction of n greedy tokens on which vLLM and the policy agree (a check that the sync took), on a
+    prompt with its images if it has any."""
     from vllm import SamplingParams
-    out = llm.generate([{"prompt_token_ids": prompt_ids}], SamplingParams(max_tokens=n, temperature=0,
-                                                                          ignore_eos=True), use_tqdm=False)
+    out = llm.generate([engine_request(record, prompt_ids, tokenizer)],
+                       SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
     engine_ids = list(out[0].outputs[0].token_ids)
+    inputs = {"input_ids": torch.tensor([prompt_ids])}
+    if image_refs(record.messages):
+        inputs.update(image_processor(images=images_of(record.messages), return_tensors="pt"))
     with torch.no_grad():
-        ids = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, use_cache=False)[0, len(prompt_ids):].tolist()
+        ids = model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False)[0, len(prompt_ids):].tolist()
     return sum(a == b for a, b in zip(engine_ids, ids)) / n
 
 
@@ -391,28 +440,30 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
     records = load_records(args.data, args.data_format, args.data_split, style="train")
+    image_processor = None
     for index, record in enumerate(records):
         if record.answer is None or not str(record.answer).strip():
             raise DataError(f"{args.data}: row {index}: no gold answer (id {record.id}); RL needs one per prompt")
-        if image_refs(record.messages):
-            raise DataError(f"{args.data}: row {index}: the prompt holds images (id {record.id}); grpo.py trains on "
-                            "text prompts, as the paper's recipe does")
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True),
-                                add_special_tokens=False) for r in records]
+        if image_refs(record.messages) and image_processor is None:
+            image_processor = load_image_processor(args.model, f"{args.data}: row {index} (id {record.id})",
+                                                   args.trust_remote_code)
+    prompts, grids = tokenize_prompts(records, tokenizer, image_processor)
     keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
     dropped = len(records) - len(keep)
-    records, prompts = [records[i] for i in keep], [prompts[i] for i in keep]
+    records, prompts, grids = [records[i] for i in keep], [prompts[i] for i in keep], [grids[i] for i in keep]
+    images = max((len(image_refs(r.messages)) for r in records), default=0)  # most images in one prompt
     steps_per_epoch = len(records) // args.global_batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {args.data}: {len(records)} usable prompts, fewer than one batch ({args.global_batch_size})")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     if rank == 0:
-        print(f"data: {len(records)} prompts ({dropped} over --max-prompt-length dropped), "
-              f"{steps_per_epoch} rollout batches per epoch, {total_steps} in all")
+        print(f"data: {len(records)} prompts ({sum(g is not None for g in grids)} with images, {dropped} over "
+              f"--max-prompt-length dropped), {steps_per_epoch} rollout batches per epoch, {total_steps} in all")
 
-    model = shard_model(load_model(args.model, train=args.train, trust_remote_code=args.trust_remote_code,
+    model = shard_model(load_model(args.model, train=args.train, images_in_batches=images > 0,
+                                   trust_remote_code=args.trust_remote_code,
                                    activation_checkpointing=args.activation_checkpointing,
-                                   attn_implementation=args.attn_implementation), device)
+                                   attn_implementation=args.attn_implementation), device, images > 0)
     args.layout = args.layout or layout_for(model.config._attn_implementation)
     if rank == 0:
         print(describe_setup(model, args.model, world, device, args.layout, args.train))
@@ -422,11 +473,11 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     reference = None
     if args.kl_coef > 0:
-        reference = load_model(args.model, trust_remote_code=args.trust_remote_code, activation_checkpointing=False,
-                               attn_implementation=args.attn_implementation)
+        reference = load_model(args.model, images_in_batches=images > 0, trust_remote_code=args.trust_remote_code,
+                               activation_checkpointing=False, attn_implementation=args.attn_implementation)
         if vision_tower(reference) is not None and not vision_trains(model):  # frozen: the policy's is the same
             reference.model.visual = vision_tower(model)
-        reference = shard_model(reference, device)
+        reference = shard_model(reference, device, images > 0)
         reference.requires_grad_(False)
         reference.eval()
 
@@ -440,14 +491,16 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     metrics = MetricsLog(args.output_dir, rank, args.wandb_project, vars(args), resume_step=start_step)
 
-    # text prompts only: a VLM's engine reserves no memory for images, and the KV cache gets it
-    no_images = {"limit_mm_per_prompt": {"image": 0, "video": 0}} if vision_tower(model) is not None else {}
+    # a VLM's engine reserves memory for as many images per prompt as the data has (none for text prompts:
+    # the KV cache gets it)
+    image_limit = {"limit_mm_per_prompt": {"image": images, "video": 0}} if vision_tower(model) is not None else {}
+    placeholder_ids = [model.config.image_token_id, model.config.video_token_id] if image_limit else []
     llm = make_llm(args.model, max_model_len=args.max_prompt_length + args.max_response_length, seed=args.seed,
                    in_process=True, external_launcher=on_gpu(), enable_sleep_mode=on_gpu(),
                    gpu_memory_utilization=args.gpu_memory_utilization,
                    exit_ids=exit_ids if args.think_budget is not None else None,
                    # log-probs after temperature, as the trainer's: the gap then measures the weight sync
-                   logprobs_mode="processed_logprobs", **no_images)
+                   logprobs_mode="processed_logprobs", **image_limit)
     if start_step > 0:
         sync_weights(llm, model)
 
@@ -459,8 +512,8 @@ def main(argv=None):
         # 1. sample: a group of --group-size responses to each of this rank's prompts
         indices = step_indices(len(records), args.global_batch_size, step, steps_per_epoch, args.seed)
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
-        groups = rollout(llm, [records[i] for i in mine], [prompts[i] for i in mine], args, step, exit_ids, tokenizer,
-                         first_index=rank * per_rank)
+        groups = rollout(llm, [records[i] for i in mine], [prompts[i] for i in mine], [grids[i] for i in mine], args,
+                         step, exit_ids, tokenizer, rank * per_rank, placeholder_ids)
         memory["rollout"] = memory_in_use_gib(device)
         if on_gpu():  # level 2 drops the weights too (no round trip to host memory): sync_weights reloads them all
             llm.sleep(level=2)
@@ -472,16 +525,16 @@ def main(argv=None):
 
         # 4. the log-probs the update compares with: the sampling policy's and the reference's
         samples = [s for group in trained for s in group]
-        entropy_sum = fill_logprobs(model, samples, "old_logprobs", args, device, with_entropy=True)
+        entropy_sum = fill_logprobs(model, samples, "old_logprobs", args, device, True, image_processor)
         if reference is not None:
-            fill_logprobs(reference, samples, "ref_logprobs", args, device)
+            fill_logprobs(reference, samples, "ref_logprobs", args, device, image_processor=image_processor)
             # FSDP2 keeps a root unit gathered after forward (torch/distributed/fsdp/_fully_shard/_fsdp_state.py,
             # "For the root, do not reshard after forward"); the reference has no backward to free it: 2 GiB at
             # 7B held through the rollouts
             reference.reshard()
 
         # 5. --mini-batches optimizer steps on the rollout batch
-        taken, token_sums = update(model, optimizer, scheduler, params, samples, args, step, device)
+        taken, token_sums = update(model, optimizer, scheduler, params, samples, args, step, device, image_processor)
         times["training"] = timer() - times["rollout"] - times["grading"]
         memory["training"] = memory_in_use_gib(device)
 
@@ -500,8 +553,10 @@ def main(argv=None):
                **step_metrics(groups, trained, entropy_sum, taken, token_sums, args, device),
                "lr": scheduler.get_last_lr()[0], "peak_memory_gib": peak_memory_gib(device),
                **{f"memory_{k}_gib": v for k, v in memory.items()}, **{f"seconds_{k}": v for k, v in times.items()}}
-        if args.sync_check:
-            row["sync_greedy_match"] = greedy_match(llm, model, prompts[mine[0]], device)
+        if args.sync_check:  # the batch's first prompt on every rank: the same forwards, so FSDP's collectives match
+            first = indices[0]
+            row["sync_greedy_match"] = greedy_match(llm, model, records[first], prompts[first], tokenizer,
+                                                    image_processor, device)
         metrics.log(row)
         progress.set_postfix(reward=f"{row['reward_mean']:.3f}", clip_hi=f"{row['clip_high_frac']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:

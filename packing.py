@@ -20,6 +20,7 @@ is more than one chunk each is recomputed in backward rather than stored: the pe
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -119,6 +120,31 @@ def pack(sequences: list[list[int]], targets: list[list[tuple[int, int]]],
     return batch
 
 
+def collate_sequences(sequences: list[list[int]], targets: list[list[tuple[int, int]]], layout: str,
+                      images: list[list] | None = None, grids: list | None = None, model=None,
+                      image_processor=None) -> dict:
+    """pack, for sequences some of which may hold images: images[i] is sequence i's image files or PIL
+    images (empty for text) and grids[i] their [images, 3] patch grid. With any image, the batch also
+    holds each image sequence's mrope positions (from the model) and the pixels and grids the vision
+    tower reads, in row order. Shared by sft.py's and grpo.py's micro-batches."""
+    if not images or not any(images):
+        return pack(sequences, targets, layout=layout)
+    from engine import open_image
+    batch = pack(sequences, targets, [rope_positions(model, ids, grid) if refs else None
+                                      for ids, refs, grid in zip(sequences, images, grids)], layout)
+    batch.update(image_processor(images=[open_image(ref) for refs in images for ref in refs], return_tensors="pt"))
+    return batch
+
+
+def rope_positions(model, ids: list[int], image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL's [3, len] mrope positions of one sequence with images (text tokens step by one on all
+    three axes; an image's tokens sit on its grid)."""
+    ids = torch.tensor([ids])
+    image_tokens = (ids == model.config.image_token_id).int()
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=image_tokens, image_grid_thw=image_grid_thw)
+    return positions[:, 0]
+
+
 def _chunk_logprobs(hidden, target_ids, lm_head, temperature, with_entropy):
     logits = lm_head(hidden).float() / temperature
     normaliser = logits.logsumexp(-1)
@@ -165,6 +191,7 @@ def install_target_logprobs(model, vision_in_every_forward: bool = False) -> Non
     collectives) as on a rank with images, even where the language model is frozen."""
     original = model.forward
 
+    @functools.wraps(original)  # its signature: generate() checks its keyword arguments (pixel_values) against it
     def forward(*args, targets=None, temperature: float = 1.0, with_entropy: bool = False, **kwargs):
         if targets is None:
             return original(*args, **kwargs)

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from data import add_data_arguments, assistant_target, load_records, run_script
 from data.prompts import image_refs
-from engine import expand_image_pads, image_token_counts, images_of, open_image
-from packing import layout_for, micro_batches, pack, target_logprobs
+from engine import expand_image_pads, image_token_counts, images_of, load_image_processor
+from packing import collate_sequences, layout_for, micro_batches, target_logprobs
 from training import (MetricsLog, Timer, add_trainer_arguments, all_reduce_sum, as_many_on_every_rank, count_params,
                       describe_setup, exit_without_teardown, export_model, init_distributed, latest_checkpoint,
                       load_checkpoint, load_model, peak_flops, peak_memory_gib, refuse_stale_checkpoints,
@@ -108,25 +108,10 @@ def tokenize(records, tokenizer, args, image_processor=None):
 
 def collate(examples, layout: str = "packed", model=None, image_processor=None):
     """A micro-batch in the layout (packing.pack); the targets are the labelled (assistant) positions. With
-    images, their pixels and grids for the vision tower and each image sequence's mrope positions (from
-    the model)."""
+    images, their pixels and grids for the vision tower and each image sequence's mrope positions."""
     targets = [[(t, label) for t, label in enumerate(e.labels) if label != IGNORE] for e in examples]
-    if not any(e.images for e in examples):
-        return pack([e.ids for e in examples], targets, layout=layout)
-    batch = pack([e.ids for e in examples], targets, [rope_positions(model, e) if e.images else None for e in examples],
-                 layout)
-    batch.update(image_processor(images=[open_image(ref) for e in examples for ref in e.images], return_tensors="pt"))
-    return batch
-
-
-def rope_positions(model, example: Example) -> torch.Tensor:
-    """Qwen2.5-VL's [3, len] mrope positions of one sequence with images (text tokens step by one on all
-    three axes; an image's tokens sit on its grid)."""
-    ids = torch.tensor([example.ids])
-    image_tokens = (ids == model.config.image_token_id).int()
-    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=image_tokens,
-                                              image_grid_thw=example.image_grid_thw)
-    return positions[:, 0]
+    return collate_sequences([e.ids for e in examples], targets, layout, [e.images for e in examples],
+                             [e.image_grid_thw for e in examples], model, image_processor)
 
 
 def summed_token_loss(model, batch: dict, device) -> torch.Tensor:
@@ -157,9 +142,10 @@ def main(argv=None):
     bad_rows = [] if args.skip_bad_rows else None
     records = load_records(args.data, args.data_format, args.data_split, style="train", bad_rows=bad_rows)
     image_processor = None
-    if any(image_refs(r.messages) for r in records):
-        from transformers import AutoImageProcessor
-        image_processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    with_images = [i for i, r in enumerate(records) if image_refs(r.messages)]
+    if with_images:
+        image_processor = load_image_processor(args.model, f"{args.data}: row {with_images[0]} (id "
+                                               f"{records[with_images[0]].id})", args.trust_remote_code)
     examples, skipped = tokenize(records, tokenizer, args, image_processor)
     steps_per_epoch = len(examples) // args.global_batch_size
     if steps_per_epoch == 0:

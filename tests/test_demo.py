@@ -93,13 +93,15 @@ def _numbers(path) -> set:
     return {tuple(r.meta["numbers"]) for r in load_records(str(path))}
 
 
-@pytest.mark.parametrize("control", [False, True], ids=["built-language-model-first", "control"])
+@pytest.mark.parametrize("control", [False, True], ids=["built-language-model-first", "control-with-ablations"])
 def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
-    demo.main(["--quick", "--output-dir", str(tmp_path)] + (["--control"] if control else []))
+    demo.main(["--quick", "--output-dir", str(tmp_path)] + (["--control", "--ablations"] if control else []))
     with open(tmp_path / "results.json") as fh:
         results = json.load(fh)
     assert results["control"] is control and results["split"] == "test"
-    assert [s["stage"] for s in results["stages"]] == ["0. instruct", "1. + CoT SFT (text)", "2. + GRPO (text)"]
+    ablation = ["ablation: 1. + GRPO on image prompts"] if control else []
+    assert [s["stage"] for s in results["stages"]] == ["0. instruct", "1. + CoT SFT (text)", "2. + GRPO (text)",
+                                                       *ablation]
     for row in results["stages"]:
         for form in ("text", "image", "word", "reading"):
             cell = row[form]
@@ -113,6 +115,7 @@ def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
             "grpo/metrics.jsonl", "eval/grpo/eval_image.jsonl", "eval/instruct/eval_reading.summary.json"]:
         assert (tmp_path / path).exists(), path
     assert (tmp_path / "lm").exists() is not control
+    assert (tmp_path / "grpo-images" / "model" / "model.safetensors").exists() is control
     data = tmp_path / "data"
     has_image = lambda name: any(isinstance(m["content"], list)  # noqa: E731
                                  for r in load_records(str(data / f"{name}.jsonl")) for m in r.messages)
@@ -120,7 +123,8 @@ def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
     assert not has_image("pretrain") and has_image("align") and has_image("control")
     for name in ("cot", "rl"):
         assert not has_image(name) and "vision_start" not in (data / f"{name}.jsonl").read_text()
+    assert has_image("rl_images")  # the ablation's prompts, which only --ablations trains on
     # no stage trains on a sum that is evaluated
     evaluated = set().union(*(_numbers(data / f"eval_{form}.jsonl") for form in FORMS))
-    for name in ("pretrain", "align", "control", "cot", "rl"):
+    for name in ("pretrain", "align", "control", "cot", "rl", "rl_images"):
         assert not _numbers(data / f"{name}.jsonl") & evaluated, name
