@@ -147,12 +147,11 @@ def rope_positions(model, ids: list[int], image_grid_thw: torch.Tensor) -> torch
 
 def _chunk_logprobs(hidden, target_ids, lm_head, temperature, with_entropy):
     logits = lm_head(hidden).float() / temperature
-    normaliser = logits.logsumexp(-1)
-    logprobs = logits.gather(-1, target_ids[:, None]).squeeze(-1) - normaliser
+    logprobs = logits.gather(-1, target_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
     if not with_entropy:
-        return logprobs, None
+        return logprobs
     with torch.no_grad():  # from the same projection: entropy is logged, never trained on
-        return logprobs, normaliser - (logits.softmax(-1) * logits).sum(-1)
+        return logprobs, logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
 
 
 def chunked_target_logprobs(hidden: torch.Tensor, lm_head, target_ids: torch.Tensor, temperature: float = 1.0,
@@ -170,9 +169,10 @@ def chunked_target_logprobs(hidden: torch.Tensor, lm_head, target_ids: torch.Ten
     for start in range(0, max(len(target_ids), 1), chunk):
         h, t = hidden[start:start + chunk], target_ids[start:start + chunk]
         if recompute:
-            values, ent = checkpoint(_chunk_logprobs, h, t, lm_head, temperature, with_entropy, use_reentrant=False)
+            result = checkpoint(_chunk_logprobs, h, t, lm_head, temperature, with_entropy, use_reentrant=False)
         else:
-            values, ent = _chunk_logprobs(h, t, lm_head, temperature, with_entropy)
+            result = _chunk_logprobs(h, t, lm_head, temperature, with_entropy)
+        values, ent = result if with_entropy else (result, None)
         logprobs.append(values)
         entropy.append(ent)
     return torch.cat(logprobs), torch.cat(entropy) if with_entropy else None
