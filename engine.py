@@ -219,6 +219,17 @@ def image_token_counts(image_grid_thw, merge_size: int) -> list[int]:
     return (image_grid_thw.prod(-1) // merge_size ** 2).tolist()
 
 
+def encode_prompt(tokenizer, image_processor, messages) -> tuple[list[int], torch.Tensor | None]:
+    """A chat's generation-prompt ids, each image's <|image_pad|> expanded to its merged patches, and the
+    images' [images, 3] patch grid (None without images). Used where the trainer lays out what it trains on."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    images, grid = images_of(messages), None
+    if images:
+        grid = image_processor(images=images, return_tensors="pt")["image_grid_thw"]
+        prompt = expand_image_pads(prompt, iter(image_token_counts(grid, image_processor.merge_size)))
+    return tokenizer.encode(prompt, add_special_tokens=False), grid
+
+
 def hf_inputs(tokenizer, image_processor, conversations, max_pixels: int | None = None,
               min_pixels: int | None = None) -> dict:
     """Left-padded model inputs for a batch of chats, images included (Qwen2.5-VL layout: each

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from data import add_data_arguments, grade_many, load_records, run_script
 from data.prompts import image_refs
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
-from engine import expand_image_pads, image_token_counts, images_of, load_image_processor
+from engine import encode_prompt, images_of, load_image_processor
 from packing import collate_sequences, layout_for, micro_batches, target_logprobs
 from training import (add_trainer_arguments, all_reduce_max, all_reduce_sum, as_many_on_every_rank,
                       exit_without_teardown, latest_checkpoint, sum_over_ranks)
@@ -165,16 +165,8 @@ def rollout_seed(seed: int, step: int, prompt_index: int, group_size: int, promp
 def tokenize_prompts(records, tokenizer, image_processor=None) -> tuple[list[list[int]], list]:
     """Each record's prompt ids, and its images' patch grid (None for a text prompt). An image prompt has
     one <|image_pad|> per merged patch of each image, as the model's processor (and vLLM) lays it out."""
-    prompts, grids = [], []
-    for record in records:
-        text = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
-        grid = None
-        if image_refs(record.messages):
-            grid = image_processor(images=images_of(record.messages), return_tensors="pt")["image_grid_thw"]
-            text = expand_image_pads(text, iter(image_token_counts(grid, image_processor.merge_size)))
-        prompts.append(tokenizer.encode(text, add_special_tokens=False))
-        grids.append(grid)
-    return prompts, grids
+    encoded = [encode_prompt(tokenizer, image_processor, record.messages) for record in records]
+    return [ids for ids, _ in encoded], [grid for _, grid in encoded]
 
 
 def engine_request(record, prompt_ids, tokenizer) -> dict:

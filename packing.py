@@ -104,8 +104,9 @@ def pack(sequences: list[list[int]], targets: list[list[tuple[int, int]]],
     else:
         width = max(len(sequence) for sequence in sequences)
         starts = [row * width for row in range(len(sequences))]
-        # padding repeats the row's last token; what it computes is never read
-        rows = [sequence + sequence[-1:] * (width - len(sequence)) for sequence in sequences]
+        # padding is token 0 (never a VLM's image placeholder, which the forward would fill with an image);
+        # what it computes is never read
+        rows = [sequence + [0] * (width - len(sequence)) for sequence in sequences]
         positions = [list(range(width))] * len(sequences)
         rope = None
         if rope_positions is not None:  # padding continues each axis past the sequence's last position

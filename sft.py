@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data import add_data_arguments, assistant_target, load_records, run_script
 from data.prompts import image_refs
-from engine import expand_image_pads, image_token_counts, images_of, load_image_processor
+from engine import encode_prompt, load_image_processor
 from packing import collate_sequences, layout_for, micro_batches, target_logprobs
 from training import (MetricsLog, Timer, add_trainer_arguments, all_reduce_sum, as_many_on_every_rank, count_params,
                       describe_setup, exit_without_teardown, export_model, init_distributed, latest_checkpoint,
@@ -84,18 +84,13 @@ def tokenize(records, tokenizer, args, image_processor=None):
         if not record.target_answer or (not args.no_cot and not record.target_think):
             skipped["no_target"] += 1
             continue
-        prompt = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
-        images, grid = images_of(record.messages), None
-        if images:
-            grid = image_processor(images=images, return_tensors="pt")["image_grid_thw"]
-            prompt = expand_image_pads(prompt, iter(image_token_counts(grid, image_processor.merge_size)))
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids, grid = encode_prompt(tokenizer, image_processor, record.messages)
         target = assistant_target(None if args.no_cot else record.target_think, record.target_answer)
         target_ids = tokenizer.encode(target + tokenizer.eos_token, add_special_tokens=False)
         ids = prompt_ids + target_ids
         if len(ids) > args.max_length:
             # an image's tokens are all there or the image cannot be placed: such a cut drops the example
-            if args.long_examples == "drop" or (images and len(prompt_ids) > args.max_length):
+            if args.long_examples == "drop" or (grid is not None and len(prompt_ids) > args.max_length):
                 skipped["too_long_dropped"] += 1
                 continue
             skipped["truncated"] += 1

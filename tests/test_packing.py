@@ -31,7 +31,7 @@ def test_the_layout_follows_the_attention_kernel():
 
 def test_pad_puts_each_sequence_in_its_own_row_and_maps_targets_into_the_flattened_rows():
     batch = pack([[1, 2, 3], [4, 5]], [[(1, 3), (0, 2)], [(0, 5)]], layout="padded")
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 5]]
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
     assert batch["positions"].tolist() == [[0, 1, 2], [0, 1, 2]]  # increasing in every row: no packing seen
     assert batch["target_index"].tolist() == [1, 0, 3] and batch["target_ids"].tolist() == [3, 2, 5]
     rope = pack([[1, 2, 3], [4, 5]], [[], []], [torch.tensor([[0, 1, 1], [0, 1, 2], [0, 2, 1]]), None], "padded")
