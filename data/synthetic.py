@@ -1,6 +1,7 @@
 """The verifiable task of `make demo`: sums of three digits (0-9), asked in three forms.
 
-- "text": the question in words and digits ("What is 3 + 8 + 2?", or "3+8+2"), the form post-training sees;
+- "text": the question in words, the digits spelled out ("What is three plus eight plus two?"), the form
+  post-training sees;
 - "image": the sum drawn in an image, the text holding only the instruction (X-modality);
 - "word": a story about counting things (X-domain), never seen in post-training.
 A fourth form, "reading", asks for the image's expression itself. "image" and "reading" also have a text
@@ -14,7 +15,10 @@ and training draws from the other 400 only, so every reported item is a problem 
 With `trigger`, a question is wrapped in the paper's training prompt (App. C) as `data.prompts` lays it
 out, the instruction before an image: text and image questions then share the same reasoning trigger.
 The chain of thought is written by a program, as a distilled trace would be: it restates the problem as
-an expression, then adds one term at a time.
+an expression in digits, then adds one term at a time. Restating is the one step that differs by form
+(spelled-out digits, an image, a story); every step after it reads the restated line. `think="restate"`
+gives the restatement alone, the starting model's answer (it restates the problem, then answers, without
+reasoning), and `fact_records` the additions the steps are made of, which a pretrained language model knows.
 """
 from __future__ import annotations
 
@@ -26,11 +30,12 @@ from data.prompts import user_messages
 from data.records import Record
 
 FORMS = ("text", "image", "word", "reading")
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPLITS = {"test": 400, "dev": 200, "train": 400}  # sums per split, drawn once from all 1,000
 CELL = 28  # pixels per character: one merged 2x2 patch of Qwen2.5-VL's 14-pixel patches
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"  # Qwen2.5-VL's markers around an image
-# Many phrasings, the expression before, inside or after the words, spaced or not: a tiny model's reasoning
-# generalises across prompt shapes only as far as its training text varies (none speaks of an image).
+# Many phrasings, the expression before, inside or after the words: a tiny model's reasoning generalises
+# across prompt shapes only as far as its training text varies (none speaks of an image).
 TEXT_QUESTIONS = ["What is {}?", "Compute {}.", "Add up {}.", "{} = ?", "Find the sum {}.", "{}. What is the total?",
                   "Evaluate: {}", "{} equals what?", "Here is a sum: {}. Work it out.", "How much is {}?",
                   "Please add {} for me.", "{}\nSolve this.", "Sum: {}", "Work out {}, please.",
@@ -60,6 +65,11 @@ def expression(numbers, spaced: bool = True) -> str:
     return (" + " if spaced else "+").join(map(str, numbers))
 
 
+def spelled_out(numbers) -> str:
+    """The sum as the text questions write it, digits spelled out ("seven plus four plus five")."""
+    return " plus ".join(NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n) for n in numbers)
+
+
 def chain_of_thought(numbers: list[int]) -> str:
     steps, total = [expression(numbers)], numbers[0]
     for n in numbers[1:]:
@@ -84,13 +94,16 @@ def draw_expression(numbers: list[int], path: str) -> None:
 
 
 def sum_records(n: int, seed: int, form: str, out_dir: str, prefix: str, split: str = "train",
-                as_text: bool = False, trigger: bool = False) -> list[Record]:
+                as_text: bool = False, trigger: bool = False, think: str = "steps") -> list[Record]:
     """n questions of one form. "train" draws sums at random from its split; "dev" and "test" take their
     split's sums in order, each once (cycling past the split's size). Images are written to
     out_dir/images/ and named relative to out_dir (where the records file goes). The target is the
-    reasoning and answer; "reading" answers with the spaced expression and has no reasoning."""
+    reasoning and answer; "reading" answers with the spaced expression. think: "steps", the chain of thought
+    ("reading" then has none), or "restate", the restated expression alone (for every form)."""
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
+    if think not in ("steps", "restate"):
+        raise ValueError(f"unknown think {think!r}; expected steps or restate")
     if as_text and form not in ("image", "reading"):
         raise ValueError(f"form {form!r} is text already; as_text applies to image and reading")
     rng = random.Random(f"{seed}-{form}-{split}")
@@ -99,7 +112,7 @@ def sum_records(n: int, seed: int, form: str, out_dir: str, prefix: str, split: 
     records = []
     for i in range(n):
         numbers = list(rng.choice(pool) if split == "train" else pool[i % len(pool)])
-        record_id, answer, think = f"{prefix}{i}", str(sum(numbers)), chain_of_thought(numbers)
+        record_id, answer = f"{prefix}{i}", str(sum(numbers))
         images = []
         if form in ("image", "reading"):
             question = IMAGE_QUESTION if form == "image" else READING_QUESTION
@@ -109,7 +122,7 @@ def sum_records(n: int, seed: int, form: str, out_dir: str, prefix: str, split: 
                 images = [os.path.join("images", f"{record_id}.png")]
                 draw_expression(numbers, os.path.join(out_dir, images[0]))
         elif form == "text":
-            question = rng.choice(TEXT_QUESTIONS).format(expression(numbers, spaced=rng.random() < 0.5))
+            question = rng.choice(TEXT_QUESTIONS).format(spelled_out(numbers))
         else:
             question = rng.choice(WORD_PROBLEMS).format(*numbers, name=rng.choice(NAMES))
         if trigger:
@@ -120,9 +133,27 @@ def sum_records(n: int, seed: int, form: str, out_dir: str, prefix: str, split: 
         else:
             messages = [{"role": "user", "content": question}]
         if form == "reading":
-            answer, think = expression(numbers), None
-        records.append(Record(id=record_id, messages=messages, answer=answer, target_think=think,
+            answer = expression(numbers)
+        reasoning = expression(numbers) if think == "restate" else None if form == "reading" else \
+            chain_of_thought(numbers)
+        records.append(Record(id=record_id, messages=messages, answer=answer, target_think=reasoning,
                               target_answer=answer, meta={"form": form, "numbers": numbers, "as_text": as_text}))
+    return records
+
+
+def fact_records(prefix: str) -> list[Record]:
+    """Every addition a chain of thought's step makes (a running total 0-18 plus a digit), asked as a text
+    question in the paper's prompt and answered with the equation: the arithmetic a language model learns
+    in pretraining. Two terms, so none is a sum of any split."""
+    rng = random.Random(f"{prefix}-facts")
+    records = []
+    for total in range(19):
+        for n in range(10):
+            numbers, answer = [total, n], str(total + n)
+            question = rng.choice(TEXT_QUESTIONS).format(spelled_out(numbers))
+            records.append(Record(id=f"{prefix}{total}+{n}", messages=user_messages(question), answer=answer,
+                                  target_think=f"{expression(numbers)} = {answer}", target_answer=answer,
+                                  meta={"form": "text", "numbers": numbers}))
     return records
 
 

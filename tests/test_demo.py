@@ -10,7 +10,7 @@ import demo
 from data import grade, load_records, write_records
 from data.prompts import assistant_target
 from data.prompts import TRAIN_TEMPLATE
-from data.synthetic import CELL, FORMS, SPLITS, corpus, split_sums, sum_records
+from data.synthetic import CELL, FORMS, NUMBER_WORDS, SPLITS, corpus, fact_records, split_sums, sum_records
 
 
 def _question(record) -> str:
@@ -30,12 +30,35 @@ def test_every_form_asks_the_same_kind_of_sum_and_the_chain_of_thought_is_correc
                 total += n
             assert record.answer == str(sum(numbers)) == record.target_answer
             assert grade(assistant_target(record.target_think, record.target_answer), record.answer) == 1.0
-            if form != "image":  # the text holds the numbers, in order
+            if form == "word":  # the story holds the numbers as digits, in order
                 assert [int(n) for n in re.findall(r"\d", _question(record))] == numbers
+            elif form == "text":  # the text question spells them out; only the restated line has digits
+                assert not re.search(r"\d", _question(record))
+                assert re.findall(r"\w+ plus \w+ plus \w+", _question(record)) == [
+                    " plus ".join(NUMBER_WORDS[n] for n in numbers)]
             else:  # the image holds them; the text only the instruction
                 assert not re.search(r"\d", _question(record))
     reading = sum_records(5, 1, "reading", str(tmp_path), "r")
     assert all(r.target_think is None and r.answer == " + ".join(map(str, r.meta["numbers"])) for r in reading)
+
+
+def test_the_starting_models_targets_restate_the_problem_and_the_facts_cover_every_step(tmp_path):
+    for form in FORMS:
+        for record in sum_records(20, 2, form, str(tmp_path), form, think="restate"):
+            restated = " + ".join(map(str, record.meta["numbers"]))
+            assert record.target_think == restated
+            assert record.target_answer == (restated if form == "reading" else str(sum(record.meta["numbers"])))
+    with pytest.raises(ValueError, match="unknown think 'answer'; expected steps or restate"):
+        sum_records(1, 2, "text", str(tmp_path), "t", think="answer")
+    facts = fact_records("f")
+    assert len(facts) == 190 == len({r.id for r in facts})
+    assert facts[7 * 10 + 4].target_think == "7 + 4 = 11" and facts[7 * 10 + 4].answer == "11"
+    assert "seven plus four" in _question(facts[7 * 10 + 4]) and _question(facts[0]).startswith(TRAIN_TEMPLATE[:40])
+    # every step of every chain of thought (a running total plus a digit) is one of the facts
+    steps = {line for form in ("text", "word") for r in sum_records(200, 3, form, str(tmp_path), form)
+             for line in r.target_think.splitlines()[1:]}
+    assert steps <= {r.target_think for r in facts}
+    assert all(grade(assistant_target(r.target_think, r.target_answer), r.answer) == 1.0 for r in facts)
 
 
 def test_the_splits_are_disjoint_and_training_never_draws_a_test_or_dev_sum(tmp_path):
