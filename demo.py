@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -100,10 +101,26 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def restatement(numbers: list[int], response: str, extracted: str) -> tuple[bool, bool]:
+    """Whether a response's first line of thought restates the sum right, and whether its answer is the sum
+    of the expression that line holds (right or wrong): how far a form's failures are reading and how far
+    the steps after it."""
+    first = re.match(r"<think>\n(\d+(?: \+ \d+)+)\n", response)
+    if first is None:
+        return False, False
+    restated = [int(n) for n in first.group(1).split(" + ")]
+    return restated == list(numbers), extracted == str(sum(restated))
+
+
 def evaluate(model: str, out: str, data_dir: str, name: str, seconds: float) -> dict:
     seconds += stage(f"evaluate ({name})", "evaluate.py", "--model", model, "--output-dir", out, "--benchmarks",
                      ",".join(f"records={data_dir}/eval_{form}.jsonl" for form, _ in COLUMNS), *PIXELS,
                      "--max-tokens", 96, "--answer-tokens", 16, "--max-model-len", 1024)
+    return score(out, data_dir, name, seconds)
+
+
+def score(out: str, data_dir: str, name: str, seconds: float) -> dict:
+    """One row of the table from evaluate.py's outputs in out."""
     row = {"stage": name, "seconds": seconds}
     for form, _ in COLUMNS:
         with open(f"{out}/eval_{form}.jsonl") as fh:
@@ -113,21 +130,30 @@ def evaluate(model: str, out: str, data_dir: str, name: str, seconds: float) -> 
         row[form] = {"accuracy": correct / len(items), "interval": wilson(correct, len(items)), "n": len(items),
                      "forced_exit_rate": sum(i["forced_exit"][0] for i in items) / len(items),
                      "mean_output_tokens": sum(i["output_tokens"][0] for i in items) / len(items)}
+        if form != "reading":
+            with open(f"{data_dir}/eval_{form}.jsonl") as fh:
+                numbers = {r["id"]: r["meta"]["numbers"] for r in map(json.loads, fh)}
+            checks = [restatement(numbers[i["id"]], i["responses"][0], i["extracted"][0]) for i in items]
+            row[form]["restated"] = sum(r for r, _ in checks) / len(items)
+            row[form]["follows_restatement"] = sum(f for _, f in checks) / len(items)
     return row
 
 
 def table(rows: list[dict], total: float, split: str) -> str:
     sums = [form for form, _ in COLUMNS if form != "reading"]
-    lines = ["| after | " + " | ".join(title for _, title in COLUMNS) + " | forced-exit rate | mean output tokens | "
-             "stage time (train + eval) |", "|---|" + "---|" * (len(COLUMNS) + 3)]
+    lines = ["| after | " + " | ".join(title for _, title in COLUMNS) + " | restated right | answer follows the "
+             "restated line | forced-exit rate | mean output tokens | stage time (train + eval) |",
+             "|---|" + "---|" * (len(COLUMNS) + 5)]
     for r in rows:
         cells = [f"{r[f]['accuracy']:.3f} [{r[f]['interval'][0]:.2f}, {r[f]['interval'][1]:.2f}]" for f, _ in COLUMNS]
-        forced = "/".join(f"{r[f]['forced_exit_rate']:.2f}" for f in sums)
-        tokens = "/".join(f"{r[f]['mean_output_tokens']:.0f}" for f in sums)
-        lines.append(f"| {r['stage']} | " + " | ".join(cells) + f" | {forced} | {tokens} | {r['seconds']:.0f} s |")
+        per_form = lambda key, digits: "/".join(f"{r[f][key]:.{digits}f}" for f in sums)  # noqa: E731
+        lines.append(f"| {r['stage']} | " + " | ".join(cells) + f" | {per_form('restated', 2)} | "
+                     f"{per_form('follows_restatement', 2)} | {per_form('forced_exit_rate', 2)} | "
+                     f"{per_form('mean_output_tokens', 0)} | {r['seconds']:.0f} s |")
     n = rows[0]["text"]["n"]
-    lines.append(f"\n{n} {split} sums per form, none trained on; [95% Wilson interval]. Forced-exit rate and mean output "
-                 f"tokens: text/image/word. Total time: {total:.0f} s.")
+    lines.append(f"\n{n} {split} sums per form, none trained on; [95% Wilson interval]. The last five columns are "
+                 "text/image/word: the first line of thought restates the sum right; the answer is the sum of the "
+                 f"expression that line holds, right or wrong; forced exits; output tokens. Total time: {total:.0f} s.")
     return "\n".join(lines)
 
 

@@ -94,6 +94,16 @@ def test_image_tasks_in_text_form_put_the_characters_where_the_image_tokens_go(t
         sum_records(1, 3, "word", str(tmp_path), "w", as_text=True)
 
 
+def test_restatement_checks_the_first_line_of_thought_and_whether_the_answer_follows_it():
+    steps = "<think>\n7 + 4 + 5\n7 + 4 = 11\n11 + 5 = 16\n</think>\n<answer>16</answer>"
+    assert demo.restatement([7, 4, 5], steps, "16") == (True, True)
+    assert demo.restatement([7, 4, 5], steps.replace("7 + 4 + 5", "7 + 7 + 5"), "16") == (False, False)
+    assert demo.restatement([7, 4, 5], "<think>\n7 + 7 + 5\n</think>\n<answer>19</answer>", "19") == (False, True)
+    assert demo.restatement([7, 4, 5], steps, "15") == (True, False)  # a wrong step
+    assert demo.restatement([7, 4, 5], "<think>\n7 + 4 +\n</think>", "11") == (False, False)
+    assert demo.restatement([7, 4, 5], "<answer>16</answer>", "16") == (False, False)
+
+
 def test_wilson_intervals_match_hand_computed_values():
     assert demo.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert demo.wilson(200, 400) == pytest.approx((0.4512, 0.5488), abs=1e-4)
@@ -129,6 +139,8 @@ def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
         for form in ("text", "image", "word", "reading"):
             cell = row[form]
             assert cell["n"] == 8 and cell["interval"] == pytest.approx(list(demo.wilson(cell["accuracy"] * 8, 8)))
+            if form != "reading":
+                assert 0 <= cell["restated"] <= 1 and 0 <= cell["follows_restatement"] <= 1
         assert row["seconds"] > 0
     assert set(results["transfer"]) == {"text", "image", "word", "reading"}
     table = (tmp_path / "results.md").read_text()
