@@ -45,10 +45,12 @@ from tiny_models import build_qwen2_5_vl, build_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-FULL = dict(pretrain=768, facts=8, pretrain_epochs=2, align_reading=1536, align_image=1024, align_epochs=4, cot_examples=2560,
-            cot_epochs=2, cot_lr=2e-4, rl_prompts=1024, grpo_steps=24, eval_items=400, hidden=256, layers=4)
-QUICK = dict(pretrain=16, facts=1, pretrain_epochs=1, align_reading=16, align_image=16, align_epochs=1, cot_examples=64,
-             cot_epochs=1, cot_lr=2e-4, rl_prompts=32, grpo_steps=2, eval_items=8, hidden=128, layers=2)
+FULL = dict(pretrain=768, facts=8, pretrain_epochs=2, align_reading=1536, align_image=1024, align_epochs=4,
+            cot_examples=2560, cot_epochs=2, cot_lr=2e-4, rl_prompts=1024, grpo_steps=24, eval_items=400, hidden=256,
+            layers=4)
+QUICK = dict(pretrain=16, facts=1, pretrain_epochs=1, align_reading=16, align_image=16, align_epochs=1,
+             cot_examples=64, cot_epochs=1, cot_lr=2e-4, rl_prompts=32, grpo_steps=2, eval_items=8, hidden=128,
+             layers=2)
 COLUMNS = [("text", "text (in domain)"), ("image", "image (X-modality)"), ("word", "word problems (X-domain)"),
            ("reading", "reading the image")]
 PIXELS = ["--max-pixels", 112 * 112, "--min-pixels", 56 * 56]  # the tiny VLM's image processor's limits
@@ -151,9 +153,10 @@ def table(rows: list[dict], total: float, split: str) -> str:
                      f"{per_form('follows_restatement', 2)} | {per_form('forced_exit_rate', 2)} | "
                      f"{per_form('mean_output_tokens', 0)} | {r['seconds']:.0f} s |")
     n = rows[0]["text"]["n"]
-    lines.append(f"\n{n} {split} sums per form, none trained on; [95% Wilson interval]. The last five columns are "
-                 "text/image/word: the first line of thought restates the sum right; the answer is the sum of the "
-                 f"expression that line holds, right or wrong; forced exits; output tokens. Total time: {total:.0f} s.")
+    lines.append(f"\n{n} {split} sums per form, none trained on; [95% Wilson interval]. The four columns after the "
+                 "accuracies are text/image/word: the first line of thought restates the sum right; the answer is "
+                 "the sum of the expression that line holds, right or wrong; forced exits; output tokens. "
+                 f"Total time: {total:.0f} s.")
     return "\n".join(lines)
 
 
