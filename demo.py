@@ -144,6 +144,7 @@ def swapped_line_probe(model: str, data_dir: str) -> dict[str, float]:
     """Per sum form: how often the answer is the sum of a first line of thought forced to restate another sum
     (greedy, vLLM). Near 1, the steps read the restated line; near 0, they read the question too, which an
     image or a story does not give them as text does."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # in the demo's own process: its table, not engine notices
     from engine import images_of, make_llm, shutdown_llm
     from vllm import SamplingParams
 

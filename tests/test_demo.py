@@ -183,6 +183,7 @@ def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
     for name in ("cot", "rl"):
         assert not has_image(name) and "vision_start" not in (data / f"{name}.jsonl").read_text()
     assert has_image("rl_images")  # the ablation's prompts, which only --ablations trains on
+    assert [r.meta["form"] for r in load_records(str(data / "cot.jsonl"))].count("invented") == demo.QUICK["invented"]
     # no stage trains on a sum that is evaluated
     evaluated = set().union(*(_numbers(data / f"eval_{form}.jsonl") for form in FORMS))
     for name in ("pretrain", "align", "control", "cot", "rl", "rl_images"):
