@@ -44,6 +44,7 @@ import sys
 import time
 
 from data import write_records
+from data.grading import extract_answer
 from data.synthetic import SPLITS, corpus, expression, fact_records, invented_records, sum_records
 from tiny_models import build_qwen2_5_vl, build_tokenizer
 
@@ -168,8 +169,8 @@ def swapped_line_probe(model: str, data_dir: str) -> dict[str, float]:
                             if images else {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
             forced_totals.append(str(sum(forced)))
         outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)
-        answers = [re.search(r"<answer>\s*(\d+)\s*</answer>", o.outputs[0].text) for o in outputs]
-        followed[form] = sum(bool(a) and a.group(1) == t for a, t in zip(answers, forced_totals)) / len(records)
+        followed[form] = sum(extract_answer(o.outputs[0].text) == total
+                             for o, total in zip(outputs, forced_totals)) / len(records)
     shutdown_llm(llm)
     return followed
 
