@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 
-from data import write_records
+from data import load_records, write_records
 from data.grading import extract_answer
 from data.synthetic import SPLITS, corpus, expression, fact_records, invented_records, sum_records
 from tiny_models import build_qwen2_5_vl, build_tokenizer
@@ -146,7 +146,7 @@ def swapped_line_probe(model: str, data_dir: str) -> dict[str, float]:
     (greedy, vLLM). Near 1, the steps read the restated line; near 0, they read the question too, which an
     image or a story does not give them as text does."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # in the demo's own process: its table, not engine notices
-    from engine import images_of, make_llm, shutdown_llm
+    from engine import make_llm, shutdown_llm, vllm_request
     from vllm import SamplingParams
 
     llm = make_llm(model, max_model_len=1024, in_process=True, limit_mm_per_prompt={"image": 1})
@@ -155,19 +155,11 @@ def swapped_line_probe(model: str, data_dir: str) -> dict[str, float]:
     for form, _ in COLUMNS:
         if form == "reading":
             continue
-        with open(f"{data_dir}/eval_{form}.jsonl") as fh:
-            records = [json.loads(line) for line in fh]
-        requests, forced_totals = [], []
-        for record, forced in zip(records, swapped_sums([r["meta"]["numbers"] for r in records])):
-            messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else [
-                {**part, "image": os.path.join(data_dir, part["image"])} if part["type"] == "image" else part
-                for part in m["content"]]} for m in record["messages"]]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            text += f"<think>\n{expression(forced)}\n"
-            images = images_of(messages)
-            requests.append({"prompt": text, "multi_modal_data": {"image": images}, "mm_processor_kwargs": PIXELS}
-                            if images else {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-            forced_totals.append(str(sum(forced)))
+        records = load_records(f"{data_dir}/eval_{form}.jsonl")
+        swapped = swapped_sums([r.meta["numbers"] for r in records])
+        requests = [vllm_request(tokenizer, r.messages, PIXELS, f"<think>\n{expression(forced)}\n")
+                    for r, forced in zip(records, swapped)]
+        forced_totals = [str(sum(forced)) for forced in swapped]
         outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)
         followed[form] = sum(extract_answer(o.outputs[0].text) == total
                              for o, total in zip(outputs, forced_totals)) / len(records)

@@ -209,6 +209,18 @@ def images_of(conversation) -> list:
     return [open_image(ref) for ref in image_refs(conversation)]
 
 
+def vllm_request(tokenizer, conversation, image_size: dict, assistant_prefix: str = "") -> dict:
+    """One prompt for vLLM's generate: the chat template's generation prompt, then assistant_prefix (text the
+    answer is forced to start with). A chat with images goes as text with its images, processed within
+    image_size ({"max_pixels": ..., "min_pixels": ...}); one without as token ids, so that the engine adds
+    no special token the template did not write."""
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) + assistant_prefix
+    images = images_of(conversation)
+    if images:
+        return {"prompt": text, "multi_modal_data": {"image": images}, "mm_processor_kwargs": image_size}
+    return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+
 def expand_image_pads(text: str, tokens_per_image) -> str:
     """Qwen2.5-VL's prompt layout: each <|image_pad|> repeated as many times as its image has tokens (one per
     merged patch); tokens_per_image is an iterator over the images in order."""

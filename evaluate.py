@@ -132,20 +132,12 @@ class VLLMBackend:
         self.args = args
 
     def generate(self, conversations, n, temperature, max_tokens, extra_args):
-        from engine import images_of
+        from engine import vllm_request
         from vllm import SamplingParams
         params = SamplingParams(n=n, temperature=temperature, top_p=self.args.top_p if temperature > 0 else 1.0,
                                 max_tokens=max_tokens, seed=self.args.seed, extra_args=extra_args)
-        prompts = []
-        for conversation in conversations:
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-            images = images_of(conversation)
-            if images:
-                prompts.append({"prompt": text, "multi_modal_data": {"image": images},
-                                "mm_processor_kwargs": {"max_pixels": self.args.max_pixels,
-                                                        "min_pixels": self.args.min_pixels}})
-            else:
-                prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        image_size = {"max_pixels": self.args.max_pixels, "min_pixels": self.args.min_pixels}
+        prompts = [vllm_request(self.tokenizer, conversation, image_size) for conversation in conversations]
         outputs = self.llm.generate(prompts, params, use_tqdm=True)
         return [[(list(o.token_ids), o.finish_reason) for o in out.outputs] for out in outputs]
 
