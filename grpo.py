@@ -267,9 +267,14 @@ def fill_logprobs(model, samples, attr, args, device, with_entropy=False, image_
         for s, values in zip(chunk, per_sample(chunk, logprobs)):
             setattr(s, attr, values)
         if with_entropy:
-            for s, ent in zip(chunk, per_sample(chunk, entropy)):
-                entropy_sum += float((ent * torch.tensor(s.loss_mask(args.mask_truncated))).sum())
+            entropy_sum += loss_token_sum(chunk, entropy, args)
     return entropy_sum
+
+
+def loss_token_sum(chunk: list[Sample], values, args) -> float:
+    """A micro-batch's flat per-response-token values summed over the tokens that enter the loss."""
+    return sum(float((v * torch.tensor(s.loss_mask(args.mask_truncated))).sum())
+               for s, v in zip(chunk, per_sample(chunk, values)))
 
 
 # --- the update ---------------------------------------------------------------------------------------------
@@ -296,23 +301,32 @@ def mini_batch_loss(chunk: list[Sample], logprobs, divisor: float, args, device)
     return token_sum_loss(per_token, weights, divisor), sums
 
 
-def update(model, optimizer, scheduler, params, samples: list[Sample], args, step: int, device,
+def split_mini_batches(samples: list[Sample], count: int, seed: int) -> list[list[Sample]]:
+    """The samples in a seeded random order, cut into count mini-batches as evenly as the count allows."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    cuts = [round(m * len(samples) / count) for m in range(count + 1)]
+    return [[samples[i] for i in order[cuts[m]:cuts[m + 1]]] for m in range(count)]
+
+
+def update(model, optimizer, scheduler, params, mini_batches: list[list[Sample]], args, step: int, device,
            image_processor=None) -> tuple[dict, dict]:
-    """--mini-batches optimizer steps over the samples in a seeded random order, the mini-batches cut as
-    evenly as the count allows. Returns (the global loss and grad norm summed over the steps taken, and
-    their count; this rank's weighted token sums for the metrics)."""
+    """One optimizer step per mini-batch. The first mini-batch's old log-probs (and the entropy the metrics
+    log) come from its own training forward: no update has happened yet, so the policy computing them is
+    the one that sampled. Returns (the global loss and grad norm summed over the steps taken, and their
+    count; this rank's weighted token sums for the metrics)."""
     world = dist.get_world_size()
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed + step)).tolist()
-    cuts = [round(m * len(samples) / args.mini_batches) for m in range(args.mini_batches + 1)]
-    taken, token_sums = {"loss": 0.0, "grad_norm": 0.0, "optimizer_steps": 0}, {}
-    for m in range(args.mini_batches):
-        mini = [samples[i] for i in order[cuts[m]:cuts[m + 1]]]
+    taken, token_sums = {"loss": 0.0, "grad_norm": 0.0, "optimizer_steps": 0}, {"entropy": 0.0}
+    for m, mini in enumerate(mini_batches):
         divisor = mini_batch_divisor(mini, args, device)
         loss_sum = 0.0
         for chunk in micro_batches_of(mini, args, device):
             # the forward with targets installed by training.load_model (packing.install_target_logprobs)
-            logprobs, _ = target_logprobs(model, collate(chunk, args.layout, model, image_processor), device,
-                                          args.temperature)
+            logprobs, entropy = target_logprobs(model, collate(chunk, args.layout, model, image_processor), device,
+                                                args.temperature, with_entropy=m == 0)
+            if m == 0:
+                for s, values in zip(chunk, per_sample(chunk, logprobs)):
+                    s.old_logprobs = values
+                token_sums["entropy"] += loss_token_sum(chunk, entropy, args)
             loss, sums = mini_batch_loss(chunk, logprobs, divisor, args, device)
             (loss * world).backward()  # FSDP averages gradients over ranks; the divisor is global already
             loss_sum += loss.item()
@@ -336,8 +350,8 @@ def update(model, optimizer, scheduler, params, samples: list[Sample], args, ste
     return taken, token_sums
 
 
-def step_metrics(groups: list[list[Sample]], trained: list[list[Sample]], entropy_sum: float, taken: dict,
-                 token_sums: dict, args, device) -> dict:
+def step_metrics(groups: list[list[Sample]], trained: list[list[Sample]], taken: dict, token_sums: dict, args,
+                 device) -> dict:
     """The rollout batch's metrics: named sums over ranks (one all-reduce), each divided by what it is a
     mean over. Rewards and lengths are of every sampled group; the loss's statistics of the trained ones."""
     sampled = [s for group in groups for s in group]
@@ -348,7 +362,7 @@ def step_metrics(groups: list[list[Sample]], trained: list[list[Sample]], entrop
              "groups_trained": len(trained), "response_tokens": sum(len(s.response_ids) for s in sampled),
              "truncated": sum(s.truncated for s in sampled), "forced": sum(bool(s.forced) for s in sampled),
              "training_tokens": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples),
-             "loss_tokens": sum(sum(w) for w in weights), "entropy": entropy_sum,
+             "loss_tokens": sum(sum(w) for w in weights),
              "vllm_logprob_gap": sum(abs(v - o) * w for s, ws in zip(samples, weights)
                                      for v, o, w in zip(s.vllm_logprobs, s.old_logprobs.tolist(), ws)),
              "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, **token_sums}
@@ -515,9 +529,12 @@ def main(argv=None):
         trained = grade_groups(groups, args)
         times["grading"] = timer() - times["rollout"]
 
-        # 4. the log-probs the update compares with: the sampling policy's and the reference's
+        # 4. the log-probs the update compares with: the sampling policy's (the first mini-batch gets its own in
+        # its training forward; the later ones need theirs before any update) and the reference's
         samples = [s for group in trained for s in group]
-        entropy_sum = fill_logprobs(model, samples, "old_logprobs", args, device, True, image_processor)
+        mini_batches = split_mini_batches(samples, args.mini_batches, args.seed + step)
+        entropy_sum = fill_logprobs(model, [s for mini in mini_batches[1:] for s in mini], "old_logprobs", args,
+                                    device, True, image_processor)
         if reference is not None:
             fill_logprobs(reference, samples, "ref_logprobs", args, device, image_processor=image_processor)
             # FSDP2 keeps a root unit gathered after forward (torch/distributed/fsdp/_fully_shard/_fsdp_state.py,
@@ -526,7 +543,9 @@ def main(argv=None):
             reference.reshard()
 
         # 5. --mini-batches optimizer steps on the rollout batch
-        taken, token_sums = update(model, optimizer, scheduler, params, samples, args, step, device, image_processor)
+        taken, token_sums = update(model, optimizer, scheduler, params, mini_batches, args, step, device,
+                                   image_processor)
+        token_sums["entropy"] += entropy_sum
         times["training"] = timer() - times["rollout"] - times["grading"]
         memory["training"] = memory_in_use_gib(device)
 
@@ -542,7 +561,7 @@ def main(argv=None):
 
         # 7. log
         row = {"step": step + 1, "epoch": step // steps_per_epoch,
-               **step_metrics(groups, trained, entropy_sum, taken, token_sums, args, device),
+               **step_metrics(groups, trained, taken, token_sums, args, device),
                "lr": scheduler.get_last_lr()[0], "peak_memory_gib": peak_memory_gib(device),
                **{f"memory_{k}_gib": v for k, v in memory.items()}, **{f"seconds_{k}": v for k, v in times.items()}}
         if args.sync_check:  # the batch's first prompt on every rank: the same forwards, so FSDP's collectives match

@@ -202,6 +202,38 @@ def test_vlm_policy_log_probs_on_text_are_layout_invariant(qwen2_5_vl, layout):
         assert torch.allclose(alone.old_logprobs, s.old_logprobs, atol=1e-5)
 
 
+def test_the_first_mini_batch_scores_its_old_log_probs_in_its_own_training_forward(qwen2_single, tmp_path):
+    """update() takes the first mini-batch's old log-probs and entropy from its training forward (no update
+    has moved the weights yet): the values of the separate no-grad pass it replaces, and a ratio of 1."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from grpo import fill_logprobs, update
+    from training import load_model
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
+    try:
+        model = load_model(qwen2_single)
+        samples = [Sample(None, [5, 6, 7], [8, 9, 10, 11], [0.0] * 4, [], False, ""),
+                   Sample(None, [5, 6, 7, 12, 13, 14], [15, 16], [0.0] * 2, [], False, "")]
+        samples[0].advantage, samples[1].advantage = 1.0, -1.0
+        args = argparse.Namespace(max_tokens_per_micro_batch=64, temperature=1.0, mask_truncated=False,
+                                  layout="packed", kl_coef=0.0, clip_low=0.2, clip_high=0.28, max_grad_norm=1.0,
+                                  output_dir=str(tmp_path))
+        separate = [Sample(None, s.prompt_ids, s.response_ids, [], [], False, "") for s in samples]
+        entropy = fill_logprobs(model, separate, "old_logprobs", args, device="cpu", with_entropy=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        taken, sums = update(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), params,
+                             [samples], args, 0, "cpu")
+    finally:
+        dist.destroy_process_group()
+    for s, alone in zip(samples, separate):
+        assert torch.allclose(s.old_logprobs, alone.old_logprobs, atol=1e-5)
+    assert entropy > 0 and sums["entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert sums["clipped_low"] == sums["clipped_high"] == 0.0 and taken["optimizer_steps"] == 1
+
+
 def test_rollout_seeds_give_every_rank_prompt_and_sample_its_own_stream():
     from grpo import rollout_seed
     group, per_step, ranks = 8, 16, 2
