@@ -149,6 +149,14 @@ def _numbers(path) -> set:
     return {tuple(r.meta["numbers"]) for r in load_records(str(path))}
 
 
+def test_the_large_demo_is_the_same_data_and_stages_on_a_larger_model():
+    # the two tables compare scale only if nothing but the model and its stage-1 settings differ
+    changed = {key for key in demo.FULL if demo.LARGE[key] != demo.FULL[key]}
+    assert {"hidden", "layers"} <= changed <= {"hidden", "layers", "cot_epochs", "cot_lr"}
+    assert demo.LARGE["hidden"] > demo.FULL["hidden"] and demo.LARGE["layers"] > demo.FULL["layers"]
+    assert demo.parse_args(["--size", "large"]).size == "large" and demo.parse_args([]).size == "small"
+
+
 @pytest.mark.parametrize("control", [False, True], ids=["built-language-model-first", "control-with-ablations"])
 def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
     demo.main(["--quick", "--output-dir", str(tmp_path)] + (["--control", "--ablations"] if control else []))
