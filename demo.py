@@ -68,8 +68,8 @@ PIXELS = {"max_pixels": 112 * 112, "min_pixels": 56 * 56}  # the tiny VLM's imag
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", help="where everything goes (default runs/demo, runs/demo-large with --size "
-                   "large, runs/demo-control with --control)")
+    p.add_argument("--output-dir", help="where everything goes (default runs/demo, plus -quick, -large, -control, "
+                   "-dev, -seedN for each setting away from its default: no kind of run overwrites another's)")
     p.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pieces, not the result")
     p.add_argument("--control", action="store_true",
                    help="stage 0 in one step as before alignment existed: no text pretraining, no alignment")
@@ -261,11 +261,17 @@ def write_data(cfg: dict, seed: int, data_dir: str, split: str) -> None:
                     think_token=False)
 
 
+def default_output_dir(args) -> str:
+    """runs/demo, plus a part for each setting away from the default: a rerun wipes its own directory first."""
+    parts = ["quick" if args.quick else "", "large" if args.size == "large" else "", "control" if args.control else "",
+             "dev" if args.split == "dev" else "", f"seed{args.seed}" if args.seed else ""]
+    return "-".join(["runs/demo"] + [part for part in parts if part])
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = QUICK if args.quick else LARGE if args.size == "large" else FULL
-    out = os.path.abspath(args.output_dir or ("runs/demo-control" if args.control else
-                                              "runs/demo-large" if args.size == "large" else "runs/demo"))
+    out = os.path.abspath(args.output_dir or default_output_dir(args))
     data_dir = os.path.join(out, "data")
     for name in ("data", "init", "lm", "instruct", "sft", "grpo", "grpo-images", "eval"):  # a rerun starts afresh
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)

@@ -157,6 +157,15 @@ def test_the_large_demo_is_the_same_data_and_stages_on_a_larger_model():
     assert demo.parse_args(["--size", "large"]).size == "large" and demo.parse_args([]).size == "small"
 
 
+def test_each_kind_of_run_has_its_own_default_directory():
+    # a rerun wipes its directory first, so two kinds of run sharing one would lose the first one's results
+    flags = [[], ["--control"], ["--size", "large"], ["--size", "large", "--control"], ["--seed", "1"],
+             ["--size", "large", "--seed", "2"], ["--quick"], ["--split", "dev", "--seed", "1"]]
+    dirs = [demo.default_output_dir(demo.parse_args(f)) for f in flags]
+    assert dirs == ["runs/demo", "runs/demo-control", "runs/demo-large", "runs/demo-large-control",
+                    "runs/demo-seed1", "runs/demo-large-seed2", "runs/demo-quick", "runs/demo-dev-seed1"]
+
+
 @pytest.mark.parametrize("control", [False, True], ids=["built-language-model-first", "control-with-ablations"])
 def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
     demo.main(["--quick", "--output-dir", str(tmp_path)] + (["--control", "--ablations"] if control else []))
