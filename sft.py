@@ -194,10 +194,11 @@ def main(argv=None):
         mine = [examples[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
         local_targets = sum(sum(1 for t in e.labels if t != IGNORE) for e in mine)
         global_targets = all_reduce_sum(local_targets, device).item()
-        loss_sum = 0.0
+        loss_sum, computed_tokens = 0.0, 0
         groups = micro_batches([len(e.ids) for e in mine], args.max_tokens_per_micro_batch, layout)
         for group in as_many_on_every_rank(groups, device):
             batch = collate([mine[i] for i in group], layout, model, image_processor)
+            computed_tokens += batch["input_ids"].numel()
             token_loss = summed_token_loss(model, batch, device)
             # FSDP averages gradients over ranks: scale by world / global count to get the global token mean.
             (token_loss * world / max(global_targets, 1.0)).backward()
@@ -215,11 +216,12 @@ def main(argv=None):
         scheduler.step()
 
         lengths = [len(e.ids) for e in mine]
-        totals = all_reduce_sum(torch.tensor([sum(lengths), sum(s * s for s in lengths)], dtype=torch.float64),
-                                device).tolist()
+        totals = all_reduce_sum(torch.tensor([sum(lengths), sum(s * s for s in lengths), computed_tokens],
+                                             dtype=torch.float64), device).tolist()
         seconds = timer()
         row = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "target_tokens": int(global_targets), "tokens_per_s": totals[0] / seconds, "seconds": seconds,
+               "padding_fraction": 1 - totals[0] / totals[2],
                "peak_memory_gib": peak_memory_gib(device)}
         if peak:
             flops = train_flops(n_params, text_config.num_hidden_layers, text_config.hidden_size, totals[0], totals[1])

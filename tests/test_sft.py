@@ -57,30 +57,40 @@ def test_loss_is_the_same_however_the_batch_is_split(qwen2_single, tmp_path, lay
     for run in ("accum", "ranks", "recompute"):
         assert losses(tmp_path / run) == pytest.approx(reference, abs=1e-5), run
     with open(tmp_path / "one" / "metrics.jsonl") as fh:
-        row = json.loads(fh.readline())
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib"} <= set(row)
-    assert row["peak_memory_gib"] > 0.1
+        rows = [json.loads(line) for line in fh]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "padding_fraction", "peak_memory_gib"} <= set(rows[0])
+    assert rows[0]["peak_memory_gib"] > 0.1
+    # one packed row holds no padding; padded rows pad each sequence to the longest in its micro-batch
+    from packing import micro_batches
+    expected = []
+    for lengths in _lengths_per_step(qwen2_single, data, 4, 4):
+        groups = micro_batches(lengths, 4096, layout)
+        padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+        expected.append(0.0 if layout == "packed" else 1 - sum(lengths) / padded)
+    assert [row["padding_fraction"] for row in rows] == pytest.approx(expected, abs=1e-12)
+    assert layout == "packed" or max(expected) > 0.05  # padding is there to count
+
+
+def _lengths_per_step(model, data, global_batch, steps) -> list[list[int]]:
+    """The token counts of each step's examples, in the order sft.py takes them."""
+    from transformers import AutoTokenizer
+
+    from data import load_records
+    from training import step_indices
+    args = sft.parse_args(["--model", model, "--data", data, "--output-dir", "o", "--max-length", "256"])
+    examples, _ = sft.tokenize(load_records(data), AutoTokenizer.from_pretrained(model), args)
+    per_epoch = len(examples) // global_batch
+    return [[len(examples[i].ids) for i in step_indices(len(examples), global_batch, step, per_epoch, 0)]
+            for step in range(steps)]
 
 
 def _micro_batch_counts_differ_between_ranks(model, data, global_batch, budget, layout, steps) -> bool:
     """Whether, in some step, the two ranks' shares cut into different numbers of micro-batches (each rank
     must then still run as many forward and backward passes as the other, or FSDP's collectives hang)."""
-    from transformers import AutoTokenizer
-
-    from data import load_records
     from packing import micro_batches
-    from training import step_indices
-    args = sft.parse_args(["--model", model, "--data", data, "--output-dir", "o", "--max-length", "256"])
-    examples, _ = sft.tokenize(load_records(data), AutoTokenizer.from_pretrained(model), args)
-    per_epoch = len(examples) // global_batch
-    for step in range(steps):
-        indices = step_indices(len(examples), global_batch, step, per_epoch, 0)
-        half = global_batch // 2
-        counts = {len(micro_batches([len(examples[i][0]) for i in indices[r * half:(r + 1) * half]], budget, layout))
-                  for r in range(2)}
-        if len(counts) > 1:
-            return True
-    return False
+    half = global_batch // 2
+    return any(len({len(micro_batches(lengths[r * half:(r + 1) * half], budget, layout)) for r in range(2)}) > 1
+               for lengths in _lengths_per_step(model, data, global_batch, steps))
 
 
 @pytest.mark.parametrize("n_examples,layout", [(16, "padded"), (12, "packed")],
