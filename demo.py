@@ -19,7 +19,9 @@ language model first:
 No image, and no text made from one, is seen after stage 0; every question of stages 1-2 and the
 evaluation is wrapped in the paper's training prompt. After stages 0, 1 and 2 evaluate.py (vLLM, forced
 exit on) answers 400 test sums that no stage trained on, in each form: text (in domain), the same sums
-in images (X-modality), as word problems (X-domain), and reading the image (is the skill kept?).
+in images (X-modality), as word problems (X-domain), and reading the image (is the skill kept?); and, as a
+diagnostic, the image question with the expression's characters in place of the image (stage 0a's text form):
+where it fails with the image, the failure is the language model's, not the alignment's.
 Accuracies come with 95% Wilson intervals; the table goes to OUT/results.md, with per form whether the
 first line of thought restates the sum right, whether the answer follows that line, and whether it follows
 a first line forced to restate another sum (swapped_line_probe: do the steps read the line or the
@@ -61,8 +63,11 @@ QUICK = dict(pretrain=16, facts=1, pretrain_epochs=1, align_reading=16, align_im
 # --size large: the same data and stages on a model 2.8x the size, stage 1 at settings chosen for it on dev
 # (README, lines 50-56: at the small model's lr 2e-4 the larger model's restatement of images broke).
 LARGE = dict(FULL, hidden=384, layers=6, cot_epochs=3, cot_lr=1e-4)
-COLUMNS = [("text", "text (in domain)"), ("image", "image (X-modality)"), ("word", "word problems (X-domain)"),
+COLUMNS = [("text", "text (in domain)"), ("image", "image (X-modality)"),
+           ("image_text", "image question, the expression as text"), ("word", "word problems (X-domain)"),
            ("reading", "reading the image")]
+# image_text, the diagnostic: where it transfers and the image does not, the alignment lost what the image stood for
+PER_FORM = ("text", "image", "word")  # the forms of the restated / follows / swapped columns
 PIXELS = {"max_pixels": 112 * 112, "min_pixels": 56 * 56}  # the tiny VLM's image processor's limits
 
 
@@ -178,10 +183,11 @@ def swapped_line_probe(model: str, data_dir: str) -> dict[str, float]:
 
 def score(out: str, data_dir: str, name: str, seconds: float) -> dict:
     """One row of the table from evaluate.py's outputs in out."""
-    row = {"stage": name, "seconds": seconds}
+    row, responses = {"stage": name, "seconds": seconds}, {}
     for form, _ in COLUMNS:
         with open(f"{out}/eval_{form}.jsonl") as fh:
             items = [json.loads(line) for line in fh]
+        responses[form] = {i["id"].removeprefix(f"eval{form}"): i["responses"][0] for i in items}
         # reading counts exact transcriptions; the sums count what the grader accepts
         correct = sum(i["extracted"][0] == i["answer"] if form == "reading" else i["correct"][0] for i in items)
         row[form] = {"accuracy": correct / len(items), "interval": wilson(correct, len(items)), "n": len(items),
@@ -193,17 +199,19 @@ def score(out: str, data_dir: str, name: str, seconds: float) -> dict:
             checks = [restatement(numbers[i["id"]], i["responses"][0], i["extracted"][0]) for i in items]
             row[form]["restated"] = sum(r for r, _ in checks) / len(items)
             row[form]["follows_restatement"] = sum(f for _, f in checks) / len(items)
+    # item by item, the text form answered exactly as the image was: 1 where the image's tokens act as its characters
+    image, as_text = responses["image"], responses["image_text"]
+    row["image_text"]["same_response_as_image"] = sum(as_text[i] == image[i] for i in image) / len(image)
     return row
 
 
 def table(rows: list[dict], total: float, split: str) -> str:
-    sums = [form for form, _ in COLUMNS if form != "reading"]
     lines = ["| after | " + " | ".join(title for _, title in COLUMNS) + " | restated right | answer follows the "
              "restated line | answer follows a swapped line | forced-exit rate | mean output tokens | stage time "
              "(train + eval) |", "|---|" + "---|" * (len(COLUMNS) + 6)]
     for r in rows:
         cells = [f"{r[f]['accuracy']:.3f} [{r[f]['interval'][0]:.2f}, {r[f]['interval'][1]:.2f}]" for f, _ in COLUMNS]
-        per_form = lambda key, digits: "/".join(f"{r[f][key]:.{digits}f}" for f in sums)  # noqa: E731
+        per_form = lambda key, digits: "/".join(f"{r[f][key]:.{digits}f}" for f in PER_FORM)  # noqa: E731
         lines.append(f"| {r['stage']} | " + " | ".join(cells) + f" | {per_form('restated', 2)} | "
                      f"{per_form('follows_restatement', 2)} | {per_form('follows_swapped_line', 2)} | "
                      f"{per_form('forced_exit_rate', 2)} | "
@@ -213,7 +221,9 @@ def table(rows: list[dict], total: float, split: str) -> str:
                  "accuracies are text/image/word: the first line of thought restates the sum right; the answer is "
                  "the sum of the expression that line holds, right or wrong; the answer is the sum of a first line "
                  "forced to restate another sum (greedy: the steps read that line, not the question); forced "
-                 f"exits; output tokens. Total time: {total:.0f} s.")
+                 "exits; output tokens. The image question with the expression as text is stage 0a's text form of the "
+                 "image task, a diagnostic: the image's failures that it shares are the language model's. "
+                 f"Total time: {total:.0f} s.")
     return "\n".join(lines)
 
 
@@ -255,8 +265,10 @@ def write_data(cfg: dict, seed: int, data_dir: str, split: str) -> None:
     write("rl_images", sum_records(cfg["rl_prompts"], seed + 4, "image", data_dir, "rli", trigger=True))  # --ablations
     for form, _ in COLUMNS:
         # the sums are asked with the trigger; reading probes the skill as it was trained, without it
-        write(f"eval_{form}", sum_records(min(cfg["eval_items"], SPLITS[split]), seed + 5, form, data_dir,
-                                          f"eval{form}", split=split, trigger=form != "reading"))
+        source = "image" if form == "image_text" else form
+        write(f"eval_{form}", sum_records(min(cfg["eval_items"], SPLITS[split]), seed + 5, source, data_dir,
+                                          f"eval{form}", split=split, as_text=form == "image_text",
+                                          trigger=form != "reading"))
     build_tokenizer(os.path.join(os.path.dirname(data_dir), "init"), corpus(pretrain + align + cot),
                     think_token=False)
 

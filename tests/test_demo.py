@@ -11,7 +11,7 @@ from data import grade, load_records, write_records
 from data.prompts import assistant_target
 from data.prompts import TRAIN_TEMPLATE
 from data.synthetic import (CELL, FORMS, INVENTED_QUESTIONS, NUMBER_WORDS, SPLITS, chain_of_thought, corpus,
-                            fact_records, invented_records, split_sums, sum_records)
+                            expression, fact_records, invented_records, split_sums, sum_records)
 
 
 def _question(record) -> str:
@@ -127,6 +127,34 @@ def test_restatement_checks_the_first_line_of_thought_and_whether_the_answer_fol
     assert demo.restatement([7, 4, 5], "<answer>16</answer>", "16") == (False, False)
 
 
+def test_a_row_scores_each_forms_checks_and_how_often_the_text_form_answers_as_the_image(tmp_path):
+    # two test sums per form, as demo.write_data writes them, with hand-made evaluate.py outputs
+    data, out = tmp_path / "data", tmp_path / "eval"
+    out.mkdir()
+    for form, _ in demo.COLUMNS:
+        source = "image" if form == "image_text" else form
+        write_records(str(data / f"eval_{form}.jsonl"), sum_records(2, 0, source, str(data), f"eval{form}",
+                                                                    split="test", as_text=form == "image_text"))
+    a, b = split_sums("test")[:2]
+    answer = lambda numbers, total: f"<think>\n{expression(numbers)}\n</think>\n<answer>{total}</answer>"  # noqa: E731
+    right, misread_b = answer(a, sum(a)), answer(b[:2] + ((b[2] + 1) % 10,), sum(b[:2]) + (b[2] + 1) % 10)
+    responses = {"image": [right, misread_b], "image_text": [right, answer(b, sum(b) + 1)]}
+    for form, _ in demo.COLUMNS:
+        pair = responses.get(form, [right, misread_b])
+        extracted = [re.search(r"<answer>(\d+)", r).group(1) for r in pair]
+        gold = [str(sum(a)), str(sum(b))] if form != "reading" else [expression(a), expression(b)]
+        items = [{"id": f"eval{form}{i}", "answer": gold[i], "responses": [pair[i]], "extracted": [extracted[i]],
+                  "correct": [extracted[i] == gold[i]], "forced_exit": [False], "output_tokens": [10 + i]}
+                 for i in range(2)]
+        (out / f"eval_{form}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    row = demo.score(str(out), str(data), "0. instruct", 1.0)
+    assert row["image"]["accuracy"] == 0.5 and row["image"]["restated"] == 0.5
+    assert row["image"]["follows_restatement"] == 1.0  # the misread line's own sum is its answer
+    assert row["image_text"]["restated"] == 1.0 and row["image_text"]["follows_restatement"] == 0.5
+    assert row["image_text"]["same_response_as_image"] == 0.5  # item 0 to the character; item 1 differs
+    assert row["reading"]["accuracy"] == 0.0 and row["text"]["mean_output_tokens"] == 10.5
+
+
 def test_wilson_intervals_match_hand_computed_values():
     assert demo.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert demo.wilson(200, 400) == pytest.approx((0.4512, 0.5488), abs=1e-4)
@@ -176,14 +204,15 @@ def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
     assert [s["stage"] for s in results["stages"]] == ["0. instruct", "1. + CoT SFT (text)", "2. + GRPO (text)",
                                                        *ablation]
     for row in results["stages"]:
-        for form in ("text", "image", "word", "reading"):
+        for form in ("text", "image", "image_text", "word", "reading"):
             cell = row[form]
             assert cell["n"] == 8 and cell["interval"] == pytest.approx(list(demo.wilson(cell["accuracy"] * 8, 8)))
             if form != "reading":
                 assert 0 <= cell["restated"] <= 1 and 0 <= cell["follows_restatement"] <= 1
                 assert 0 <= cell["follows_swapped_line"] <= 1
+        assert 0 <= row["image_text"]["same_response_as_image"] <= 1
         assert row["seconds"] > 0
-    assert set(results["transfer"]) == {"text", "image", "word", "reading"}
+    assert set(results["transfer"]) == {"text", "image", "image_text", "word", "reading"}
     table = (tmp_path / "results.md").read_text()
     assert "| image (X-modality) |" in table and "| 2. + GRPO (text) |" in table and "Above stage 0's interval" in table
     stage0 = ["instruct"] if control else ["lm", "instruct"]
@@ -200,6 +229,12 @@ def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
     for name in ("cot", "rl"):
         assert not has_image(name) and "vision_start" not in (data / f"{name}.jsonl").read_text()
     assert has_image("rl_images")  # the ablation's prompts, which only --ablations trains on
+    # the diagnostic asks the image's sums with their characters in place of the image, and nothing trains on it
+    image, as_text = (load_records(str(data / f"eval_{form}.jsonl")) for form in ("image", "image_text"))
+    assert [r.meta["numbers"] for r in image] == [r.meta["numbers"] for r in as_text]
+    assert not has_image("eval_image_text") and all(
+        f"<|vision_start|>{expression(r.meta['numbers'], spaced=False)}<|vision_end|>" in r.messages[0]["content"]
+        for r in as_text)
     assert [r.meta["form"] for r in load_records(str(data / "cot.jsonl"))].count("invented") == demo.QUICK["invented"]
     # no stage trains on a sum that is evaluated
     evaluated = set().union(*(_numbers(data / f"eval_{form}.jsonl") for form in FORMS))
