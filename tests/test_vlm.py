@@ -114,7 +114,8 @@ def test_grpo_with_a_vlm_policy_learns(digit_vlm, tmp_path):
                "--lr", 5e-4, "--kl-coef", 0)
     rewards = [r["reward_mean"] for r in metrics(tmp_path / "o")]
     assert rewards[0] < 0.3  # before any update: about chance
-    assert sum(rewards[-5:]) / 5 > 0.8
+    # the last 10 steps' 640 responses: a policy blind to the image would stay within about 0.05 of 0.5
+    assert sum(rewards[-10:]) / 10 > 0.7
 
 
 def test_grpo_refuses_image_prompts_for_a_text_model_naming_the_row(qwen2_single, tmp_path):
@@ -178,14 +179,16 @@ def test_grpo_on_image_and_text_prompts_keeps_vllm_in_sync_on_two_ranks(qwen2_5_
 def test_grpo_on_image_prompts_learns_what_only_the_image_tells(digit_vlm, tmp_path):
     """Half the images are black (answer 3), half white (answer 7), the text the same: a policy that ignores
     the image earns at most 0.5. (At the text test's lr 5e-4 the policy collapses to near-uniform outputs by
-    step 5 on these prompts; at 2e-4 it learns steadily, ~0.9 by step 60.)"""
+    step 5 on these prompts; at 2e-4 it learns steadily, 0.8-0.9 by step 60, step to step within about 0.2:
+    the AVX-512 and AVX2 CPUs' roundings give different runs.)"""
     data = _image_prompts(tmp_path, 256, {"3": 0, "7": 255})
     run_script("grpo.py", "--model", digit_vlm, "--data", data, "--output-dir", tmp_path / "o", "--global-batch-size",
                8, "--group-size", 8, "--mini-batches", 2, "--max-response-length", 24, "--warmup-ratio", 0,
                "--save-every", 0, "--max-steps", 60, "--lr", 2e-4, "--kl-coef", 0)
     rewards = [r["reward_mean"] for r in metrics(tmp_path / "o")]
     assert rewards[0] < 0.3  # before any update: about chance
-    assert sum(rewards[-5:]) / 5 > 0.8
+    # the last 10 steps' 640 responses: a policy blind to the image would stay within about 0.05 of 0.5
+    assert sum(rewards[-10:]) / 10 > 0.7
 
 
 def _sum_records(tmp_path):
