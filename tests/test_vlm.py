@@ -114,8 +114,7 @@ def test_grpo_with_a_vlm_policy_learns(digit_vlm, tmp_path):
                "--lr", 5e-4, "--kl-coef", 0)
     rewards = [r["reward_mean"] for r in metrics(tmp_path / "o")]
     assert rewards[0] < 0.3  # before any update: about chance
-    # the last 10 steps' 640 responses: a policy blind to the image would stay within about 0.05 of 0.5
-    assert sum(rewards[-10:]) / 10 > 0.7
+    assert sum(rewards[-5:]) / 5 > 0.8
 
 
 def test_grpo_refuses_image_prompts_for_a_text_model_naming_the_row(qwen2_single, tmp_path):
