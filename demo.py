@@ -232,6 +232,14 @@ def transfer(rows: list[dict]) -> dict[str, bool]:
     return {f: rows[-1][f]["interval"][0] > rows[0][f]["interval"][1] for f, _ in COLUMNS}
 
 
+def eval_records(form: str, n: int, seed: int, data_dir: str, split: str) -> list:
+    """One column's evaluated sums, asked with the trigger (reading probes the skill as it was trained, without
+    it); image_text asks the image's sums with their characters where the image goes."""
+    source = "image" if form == "image_text" else form
+    return sum_records(n, seed, source, data_dir, f"eval{form}", split=split, as_text=form == "image_text",
+                       trigger=form != "reading")
+
+
 def write_data(cfg: dict, seed: int, data_dir: str, split: str) -> None:
     """Every stage's records. Training sums come from the train split only; the evaluated ones from split."""
     def write(name, records):
@@ -264,11 +272,7 @@ def write_data(cfg: dict, seed: int, data_dir: str, split: str) -> None:
     write("rl", sum_records(cfg["rl_prompts"], seed + 4, "text", data_dir, "rl", trigger=True))
     write("rl_images", sum_records(cfg["rl_prompts"], seed + 4, "image", data_dir, "rli", trigger=True))  # --ablations
     for form, _ in COLUMNS:
-        # the sums are asked with the trigger; reading probes the skill as it was trained, without it
-        source = "image" if form == "image_text" else form
-        write(f"eval_{form}", sum_records(min(cfg["eval_items"], SPLITS[split]), seed + 5, source, data_dir,
-                                          f"eval{form}", split=split, as_text=form == "image_text",
-                                          trigger=form != "reading"))
+        write(f"eval_{form}", eval_records(form, min(cfg["eval_items"], SPLITS[split]), seed + 5, data_dir, split))
     build_tokenizer(os.path.join(os.path.dirname(data_dir), "init"), corpus(pretrain + align + cot),
                     think_token=False)
 

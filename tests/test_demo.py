@@ -132,9 +132,7 @@ def test_a_row_scores_each_forms_checks_and_how_often_the_text_form_answers_as_t
     data, out = tmp_path / "data", tmp_path / "eval"
     out.mkdir()
     for form, _ in demo.COLUMNS:
-        source = "image" if form == "image_text" else form
-        write_records(str(data / f"eval_{form}.jsonl"), sum_records(2, 0, source, str(data), f"eval{form}",
-                                                                    split="test", as_text=form == "image_text"))
+        write_records(str(data / f"eval_{form}.jsonl"), demo.eval_records(form, 2, 0, str(data), "test"))
     a, b = split_sums("test")[:2]
     answer = lambda numbers, total: f"<think>\n{expression(numbers)}\n</think>\n<answer>{total}</answer>"  # noqa: E731
     right, misread_b = answer(a, sum(a)), answer(b[:2] + ((b[2] + 1) % 10,), sum(b[:2]) + (b[2] + 1) % 10)
