@@ -52,18 +52,23 @@ def add_trainer_arguments(parser) -> None:
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). Works under torchrun and as a plain single process (world 1)."""
+    group_args = {}
     if "RANK" not in os.environ:  # a plain `python sft.py`: a one-process group, so one code path serves all
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
+        # on a port the OS picks: a fixed or pid-derived one can be held already (by an outgoing connection,
+        # another run), and the run then dies with EADDRINUSE
+        tcp_store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=COLLECTIVE_TIMEOUT)
+        group_args = {"store": tcp_store, "rank": 0, "world_size": 1}
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(tcp_store.port))
     if on_gpu():
         # fewer fragments in a memory shared with vLLM's engine (which turns this off inside its own pool)
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT, **group_args)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT, **group_args)
     return dist.get_rank(), dist.get_world_size(), device
 
 
