@@ -12,7 +12,7 @@ test:
 	@scripts/setup_venv.sh cpu $(TEST_VENV)
 	$(TEST_VENV)/bin/python -m pytest -q tests
 
-# The paper's claim in miniature on CPU (about 9 minutes on 2 AVX-512 cores, 17-20 on AVX2); results in runs/demo/.
+# The paper's claim in miniature on CPU (8-20 minutes on the 2-core machines tried here); results in runs/demo/.
 demo: venv
 	$(PY) demo.py
 
