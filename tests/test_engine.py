@@ -2,6 +2,7 @@
 that works from any kind of caller."""
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 import distill
 import evaluate
-from engine import make_llm, shutdown_llm
+from engine import _not_a_notice, make_llm, shutdown_llm
 from tests.conftest import ROOT
 
 GREEDY = dict(max_tokens=8, temperature=0, ignore_eos=True)
@@ -110,3 +111,12 @@ def test_gpus_this_torch_cannot_use_stop_the_run_in_one_line(monkeypatch):
     assert engine.on_gpu() is True
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert engine.on_gpu() is False
+
+
+def test_of_the_layers_a_weight_sync_cannot_load_only_those_computed_from_the_config_are_kept_out_of_the_log():
+    def layer_failed(name):  # as vLLM's layerwise reload logs it
+        return logging.LogRecord("vllm.model_executor.model_loader.reload.layerwise", logging.WARNING, "layerwise.py",
+                                 266, "%s: Failed to load weights", (name,), None)
+    assert not any(_not_a_notice(layer_failed(name)) for name in ("MRotaryEmbedding", "RotaryEmbedding",
+                                                                  "FusedMMInputNorm"))
+    assert _not_a_notice(layer_failed("QKVParallelLinear")) and _not_a_notice(layer_failed("RotaryEmbeddingProjection"))
