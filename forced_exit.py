@@ -39,19 +39,29 @@ def _contains(seq, sub) -> bool:
             return True
 
 
-def forced_token(output_ids, budget: int, exit_ids, close_ids=None) -> int | None:
+def closed_thinking(before, close_ids, decode=None) -> bool:
+    """Whether the model closed its thinking in the tokens `before`: the close ids among them, or with `decode`
+    (the tokenizer's) the close text in their text. A model writes the text in whatever tokens its training
+    text had: after `</think` a tokenizer may have one token for ">\\n", so that the ids `encode("</think>")`
+    gives never appear although the text does."""
+    if decode is None:
+        return _contains(before, close_ids)
+    return decode(list(close_ids)) in decode(list(before))
+
+
+def forced_token(output_ids, budget: int, exit_ids, close_ids=None, decode=None) -> int | None:
     """The token that must be forced next, or None.
 
     Nothing is forced before `budget` output tokens, nor ever if the model closed its thinking
-    (emitted `close_ids`, default the exit ids) within its budget. At the budget the exit text is
-    forced token by token, continuing from where the model already was if it had begun emitting it;
-    once the exit text is complete, nothing more is forced.
+    (emitted `close_ids`, default the exit ids; with `decode`, their text) within its budget. At the budget
+    the exit text is forced token by token, continuing from where the model already was if it had begun
+    emitting it; once the exit text is complete, nothing more is forced.
     """
     n = len(output_ids)
     if n < budget:
         return None
     before = output_ids[:budget]
-    if _contains(before, close_ids or exit_ids):
+    if closed_thinking(before, close_ids or exit_ids, decode):
         return None
     k = _exit_prefix_len(before, exit_ids) + (n - budget)
     return exit_ids[k] if k < len(exit_ids) else None
@@ -64,13 +74,14 @@ class ExitTracker:
     for the close ids; after that each step indexes the exit text.
     """
 
-    def __init__(self, budget: int, exit_ids, close_ids=None, output_ids: list | None = None):
+    def __init__(self, budget: int, exit_ids, close_ids=None, output_ids: list | None = None, decode=None):
         if budget < 0 or not exit_ids:
             raise ValueError("think_budget must be >= 0 and think_exit_ids non-empty")
         self.budget = budget
         self.exit_ids = list(exit_ids)
         self.close_ids = list(close_ids or exit_ids)
         self.output_ids = output_ids if output_ids is not None else []
+        self.decode = decode
         self.done = False  # closed by the model, or the exit text is complete
         self.start = None  # exit tokens already in place at the budget
 
@@ -82,7 +93,7 @@ class ExitTracker:
             return None
         if self.start is None:
             before = self.output_ids[:self.budget]
-            if _contains(before, self.close_ids):
+            if closed_thinking(before, self.close_ids, self.decode):
                 self.done = True
                 return None
             self.start = _exit_prefix_len(before[-len(self.exit_ids):], self.exit_ids)
@@ -101,111 +112,132 @@ def _force(logits: torch.Tensor, rows: list[int], tokens: list[int]) -> torch.Te
     return logits
 
 
-def _vllm_processor_base():
+def _vllm_processor_class():
     # importing vLLM warns about torch internals it uses: nothing for a user of this project to act on
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
     from vllm.v1.sample.logits_processor import LogitsProcessor
-    return LogitsProcessor
 
+    class ForcedExitLogitsProcessor(LogitsProcessor):
+        """vLLM v1 logits processor: forces the exit text at each budgeted request's thinking budget.
 
-class ForcedExitLogitsProcessor(_vllm_processor_base()):
-    """vLLM v1 logits processor: forces the exit text at each budgeted request's thinking budget.
+        State is kept per batch row and follows vLLM's persistent-batch updates (removed, then added,
+        then moved). Requests without `think_budget` are never touched.
+        """
 
-    State is kept per batch row and follows vLLM's persistent-batch updates (removed, then added,
-    then moved). Requests without `think_budget` are never touched.
-    """
+        def __init__(self, vllm_config, device, is_pin_memory):
+            from transformers import AutoTokenizer
+            self.trackers: dict[int, ExitTracker] = {}
+            config = vllm_config.model_config  # the engine's tokenizer, to find a close in the text (closed_thinking)
+            self.decode = AutoTokenizer.from_pretrained(config.tokenizer, revision=config.tokenizer_revision,
+                                                        trust_remote_code=config.trust_remote_code).decode
 
-    def __init__(self, vllm_config, device, is_pin_memory):
-        self.trackers: dict[int, ExitTracker] = {}
+        @classmethod
+        def validate_params(cls, params):
+            args = params.extra_args or {}
+            if "think_budget" not in args:
+                return
+            budget, exit_ids = args["think_budget"], args.get("think_exit_ids")
+            if not isinstance(budget, int) or budget < 0:
+                raise ValueError(f"think_budget must be a non-negative int, got {budget!r}")
+            if not exit_ids or not all(isinstance(t, int) for t in exit_ids):
+                raise ValueError("think_exit_ids must be a non-empty list of token ids when think_budget is set")
 
-    @classmethod
-    def validate_params(cls, params):
-        args = params.extra_args or {}
-        if "think_budget" not in args:
-            return
-        budget, exit_ids = args["think_budget"], args.get("think_exit_ids")
-        if not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"think_budget must be a non-negative int, got {budget!r}")
-        if not exit_ids or not all(isinstance(t, int) for t in exit_ids):
-            raise ValueError("think_exit_ids must be a non-empty list of token ids when think_budget is set")
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes greedy choices
 
-    def is_argmax_invariant(self) -> bool:
-        return False  # it changes greedy choices
+        def update_state(self, batch_update) -> None:
+            if batch_update is None:
+                return
+            from vllm.v1.sample.logits_processor import MoveDirectionality
 
-    def update_state(self, batch_update) -> None:
-        if batch_update is None:
-            return
-        from vllm.v1.sample.logits_processor import MoveDirectionality
-
-        for index in batch_update.removed:
-            self.trackers.pop(index, None)
-        for index, params, _prompt_ids, output_ids in batch_update.added:
-            args = (params.extra_args or {}) if params is not None else {}
-            if args.get("think_budget") is not None:
-                self.trackers[index] = ExitTracker(args["think_budget"], args["think_exit_ids"],
-                                                   args.get("think_close_ids"), output_ids)
-            else:
+            for index in batch_update.removed:
                 self.trackers.pop(index, None)
-        for source, target, direction in batch_update.moved:
-            moving = self.trackers.pop(source, None)
-            # A one-way move overwrites the target row, whose request may have finished unannounced.
-            displaced = self.trackers.pop(target, None)
-            if moving is not None:
-                self.trackers[target] = moving
-            if direction == MoveDirectionality.SWAP and displaced is not None:
-                self.trackers[source] = displaced
+            for index, params, _prompt_ids, output_ids in batch_update.added:
+                args = (params.extra_args or {}) if params is not None else {}
+                if args.get("think_budget") is not None:
+                    self.trackers[index] = ExitTracker(args["think_budget"], args["think_exit_ids"],
+                                                       args.get("think_close_ids"), output_ids, self.decode)
+                else:
+                    self.trackers.pop(index, None)
+            for source, target, direction in batch_update.moved:
+                moving = self.trackers.pop(source, None)
+                # A one-way move overwrites the target row, whose request may have finished unannounced.
+                displaced = self.trackers.pop(target, None)
+                if moving is not None:
+                    self.trackers[target] = moving
+                if direction == MoveDirectionality.SWAP and displaced is not None:
+                    self.trackers[source] = displaced
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        rows, tokens, finished = [], [], []
-        for index, tracker in self.trackers.items():
-            token = tracker.next_forced()
-            if token is not None:
-                rows.append(index)
-                tokens.append(token)
-            elif tracker.done:
-                finished.append(index)
-        for index in finished:  # nothing more to force for these requests
-            del self.trackers[index]
-        return _force(logits, rows, tokens)
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            rows, tokens, finished = [], [], []
+            for index, tracker in self.trackers.items():
+                token = tracker.next_forced()
+                if token is not None:
+                    rows.append(index)
+                    tokens.append(token)
+                elif tracker.done:
+                    finished.append(index)
+            for index in finished:  # nothing more to force for these requests
+                del self.trackers[index]
+            return _force(logits, rows, tokens)
+
+    return ForcedExitLogitsProcessor
 
 
-def _hf_processor_base():
+def _hf_processor_class():
     from transformers import LogitsProcessor
-    return LogitsProcessor
+
+    class ForcedExitHFProcessor(LogitsProcessor):
+        """transformers twin of ForcedExitLogitsProcessor, for `model.generate(logits_processor=[...])`.
+
+        prompt_length: the (padded) prompt length of the batch; every row gets the same budget. decode: the
+        tokenizer's, to find a close in the text (closed_thinking).
+        """
+
+        def __init__(self, prompt_length: int, budget: int, exit_ids, close_ids=None, decode=None):
+            self.prompt_length = prompt_length
+            self.budget, self.exit_ids, self.close_ids, self.decode = budget, list(exit_ids), close_ids, decode
+            self.trackers: list[ExitTracker] | None = None
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            if self.trackers is None:
+                self.trackers = [ExitTracker(self.budget, self.exit_ids, self.close_ids, decode=self.decode)
+                                 for _ in range(len(input_ids))]
+            generated = input_ids.shape[1] - self.prompt_length
+            for row, tracker in enumerate(self.trackers):
+                if len(tracker.output_ids) < generated:  # append only the newest token
+                    tracker.output_ids.append(int(input_ids[row, -1]))
+            rows, tokens = [], []
+            for row, tracker in enumerate(self.trackers):
+                token = tracker.next_forced()
+                if token is not None:
+                    rows.append(row)
+                    tokens.append(token)
+            return _force(scores, rows, tokens)
+
+    return ForcedExitHFProcessor
 
 
-class ForcedExitHFProcessor(_hf_processor_base()):
-    """transformers twin of ForcedExitLogitsProcessor, for `model.generate(logits_processor=[...])`.
+_PROCESSOR_CLASSES = {"ForcedExitLogitsProcessor": _vllm_processor_class, "ForcedExitHFProcessor": _hf_processor_class}
 
-    prompt_length: the (padded) prompt length of the batch; every row gets the same budget.
-    """
 
-    def __init__(self, prompt_length: int, budget: int, exit_ids, close_ids=None):
-        self.prompt_length = prompt_length
-        self.budget, self.exit_ids, self.close_ids = budget, list(exit_ids), close_ids
-        self.trackers: list[ExitTracker] | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.trackers is None:
-            self.trackers = [ExitTracker(self.budget, self.exit_ids, self.close_ids) for _ in range(len(input_ids))]
-        generated = input_ids.shape[1] - self.prompt_length
-        for row, tracker in enumerate(self.trackers):
-            if len(tracker.output_ids) < generated:  # append only the newest token
-                tracker.output_ids.append(int(input_ids[row, -1]))
-        rows, tokens = [], []
-        for row, tracker in enumerate(self.trackers):
-            token = tracker.next_forced()
-            if token is not None:
-                rows.append(row)
-                tokens.append(token)
-        return _force(scores, rows, tokens)
+def __getattr__(name: str):
+    """The two processor classes, defined on first use: their bases are vLLM's and transformers', whose imports
+    take seconds, and every stage imports this module (its --help among them). Defined once and kept as module
+    attributes, so that pickle finds a class by its name as for any other (vLLM sends it to its engine process)."""
+    if name not in _PROCESSOR_CLASSES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = _PROCESSOR_CLASSES[name]()
+    cls.__qualname__, cls.__module__ = name, __name__
+    globals()[name] = cls
+    return cls
 
 
 def exit_token_ids(tokenizer, exit_text: str = DEFAULT_EXIT_TEXT) -> list[int]:
     return tokenizer.encode(exit_text, add_special_tokens=False)
 
 
-def count_forced(output_ids, budget: int, exit_ids, close_ids=None) -> list[int]:
+def count_forced(output_ids, budget: int, exit_ids, close_ids=None, decode=None) -> list[int]:
     """Positions in output_ids that the forced-exit rule forced (for masking them out of RL losses)."""
     return [i for i in range(budget, min(len(output_ids), budget + len(exit_ids)))
-            if forced_token(output_ids[:i], budget, exit_ids, close_ids) is not None]
+            if forced_token(output_ids[:i], budget, exit_ids, close_ids, decode) is not None]

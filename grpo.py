@@ -12,23 +12,28 @@ so that the ratio moves away from 1 and the clip acts (with one step per batch i
 After each rollout batch's last optimizer step the new weights are loaded into the engines.
 The recipe's prompts are text; prompts with images (a VLM policy) are rolled out and trained on with
 their images, the multimodal-RL ablation (the vision tower stays frozen unless --train names it).
+A run keeps OUT/run.json, OUT/metrics.jsonl, responses to read (OUT/rollouts/), checkpoints and the model;
+with --eval-data it scores held-out prompts as evaluate.py does every --eval-every steps.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from data import add_data_arguments, grade_many, load_records, run_script
-from data.prompts import image_refs
+from data import add_data_arguments, extract_answer, grade_many, load_records, run_script
+from data.prompts import image_refs, readable
+from data.records import Record
+from engine import encode_prompt
 from forced_exit import DEFAULT_EXIT_TEXT, count_forced
-from engine import encode_prompt, images_of, load_image_processor
 from packing import collate_sequences, layout_for, micro_batches, target_logprobs
 from training import (add_trainer_arguments, all_reduce_max, all_reduce_sum, as_many_on_every_rank,
-                      exit_without_teardown, latest_checkpoint, sum_over_ranks)
+                      exit_without_teardown, latest_checkpoint, sum_over_ranks, write_jsonl_of_all_ranks)
 
 
 # --- the objective (pure functions) -------------------------------------------------------------------
@@ -82,72 +87,85 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3"):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="starting policy, usually sft.py's OUT/model")
-    add_data_arguments(p, "prompts with gold answers")
-    p.add_argument("--output-dir", required=True, help="metrics, checkpoints and the exported model go here")
-    p.add_argument("--group-size", type=int, default=8, help="responses per prompt (paper: 8)")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling (paper: not stated; off)")
-    p.add_argument("--max-response-length", type=int, default=4096, help="tokens per response (paper: 4096)")
-    p.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts are dropped at load (1024)")
-    p.add_argument("--global-batch-size", type=int, default=128, help="prompts per rollout batch (paper: 128)")
-    p.add_argument("--mini-batches", type=int, default=4,
-                   help="optimizer steps per rollout batch (paper: not stated; default 4, so that clipping acts)")
-    p.add_argument("--max-tokens-per-micro-batch", type=int, default=16384,
-                   help="prompt + response tokens per forward pass and rank, padding included (default 16,384, "
-                        "which fits a 7B on 80 GB GPUs with activation checkpointing: bench/memory.py); see --layout")
-    p.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (paper: 3e-6)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up share of all steps (paper: 0.1)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (paper: 1.0)")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the prompts (paper: 3)")
-    p.add_argument("--clip-low", type=float, default=0.2, help="lower clip epsilon (paper: 0.2)")
-    p.add_argument("--clip-high", type=float, default=0.28,
-                   help="upper clip epsilon, clip-higher (paper: not stated; DAPO's 0.28)")
-    p.add_argument("--kl-coef", type=float, default=0.01,
-                   help="KL penalty weight against the starting model (paper: 0.01); 0 loads no reference model")
-    p.add_argument("--kl-estimator", choices=["k3", "k1", "k2"], default="k3",
-                   help="KL estimator (paper: not stated; default k3, verl's low_var_kl)")
-    p.add_argument("--no-std-scaling", action="store_true",
-                   help="advantages r - mean without dividing by the group std (Dr. GRPO; default: divide)")
-    p.add_argument("--mask-truncated", action="store_true",
-                   help="leave responses cut at --max-response-length out of the loss (default: they stay in, "
-                        "usually with reward 0, which pushes towards finishing)")
-    p.add_argument("--think-budget", type=int,
-                   help="force </think> after this many response tokens (off by default); forced tokens are "
-                        "masked out of the loss")
-    p.add_argument("--exit-text", default=DEFAULT_EXIT_TEXT, help="text forced at the budget (default </think>)")
-    p.add_argument("--grading-workers", type=int, help="math grading processes (default: min(8, CPUs))")
-    p.add_argument("--grading-timeout", type=float, default=5.0, help="seconds per graded answer (default 5)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.6,
-                   help="GPU share of each colocated vLLM engine (default 0.6). Qwen2.5-VL-7B on 8 x 80 GB: the "
-                        "trainer keeps ~14 GiB per GPU through rollouts (fp32 shards of weights, gradients, AdamW "
-                        "and reference; the unused vision tower stays on the host), vLLM takes 48 GiB (15 GiB weights, ~31 GiB KV cache: "
-                        "540k tokens of the 655k a rank's 16 x 8 x 5,120 could use); training runs while vLLM sleeps "
-                        "(bench/memory.py prints the table)")
-    p.add_argument("--max-steps", type=int, help="stop after this many rollout batches (smoke runs, tests)")
-    p.add_argument("--seed", type=int, default=0, help="data order and sampling seed")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every K rollout batches; 0 = end only")
-    p.add_argument("--sync-check", action="store_true",
-                   help="after each weight sync, compare 16 greedy tokens of vLLM and the policy (logged)")
-    add_trainer_arguments(p)
+    data = p.add_argument_group("data")
+    data.add_argument("--model", required=True, help="starting policy, usually sft.py's OUT/model")
+    add_data_arguments(data, "prompts with gold answers")
+    data.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts are dropped at load (1024)")
+    data.add_argument("--global-batch-size", type=int, default=128, help="prompts per rollout batch (paper: 128)")
+    data.add_argument("--epochs", type=int, default=3, help="passes over the prompts (paper: 3)")
+    rollout = p.add_argument_group("rollout")
+    rollout.add_argument("--group-size", type=int, default=8, help="responses per prompt (paper: 8)")
+    rollout.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.0)")
+    rollout.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (paper: not stated; off)")
+    rollout.add_argument("--max-response-length", type=int, default=4096, help="tokens per response (paper: 4096)")
+    rollout.add_argument("--think-budget", type=int,
+                         help="force </think> after this many tokens (default off); forced tokens leave the loss")
+    rollout.add_argument("--exit-text", default=DEFAULT_EXIT_TEXT, help="text forced at the budget (</think>)")
+    rollout.add_argument("--grading-workers", type=int, help="math grading processes (default: min(8, CPUs))")
+    rollout.add_argument("--grading-timeout", type=float, default=5.0, help="seconds per graded answer (default 5)")
+    objective = p.add_argument_group("objective")
+    objective.add_argument("--clip-low", type=float, default=0.2, help="lower clip epsilon (paper: 0.2)")
+    objective.add_argument("--clip-high", type=float, default=0.28,
+                           help="upper clip epsilon, clip-higher (paper: not stated; DAPO's 0.28)")
+    objective.add_argument("--kl-coef", type=float, default=0.01,
+                           help="KL weight against the starting model (paper: 0.01); 0 loads no reference")
+    objective.add_argument("--kl-estimator", choices=["k3", "k1", "k2"], default="k3",
+                           help="KL estimator (paper: not stated; default k3, verl's low_var_kl)")
+    objective.add_argument("--no-std-scaling", action="store_true",
+                           help="advantages r - mean, not divided by the group's std (Dr. GRPO)")
+    objective.add_argument("--mask-truncated", action="store_true",
+                           help="leave responses cut at --max-response-length out of the loss (default: kept)")
+    optimizer = p.add_argument_group("optimizer")
+    optimizer.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (paper: 3e-6)")
+    optimizer.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
+    optimizer.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up share of all steps (0.1)")
+    optimizer.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (paper: 1.0)")
+    optimizer.add_argument("--mini-batches", type=int, default=4,
+                           help="optimizer steps per rollout batch (paper: not stated; default 4, so the clip acts)")
+    optimizer.add_argument("--max-tokens-per-micro-batch", type=int, default=16384,
+                           help="prompt + response tokens per forward and rank, padding included (default 16,384)")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.6,
+                        help="GPU share of each colocated vLLM engine (default 0.6; docs/performance.md)")
+    engine.add_argument("--sync-check", action="store_true",
+                        help="after each weight sync, check 16 greedy tokens of vLLM against the policy (logged)")
+    run = add_trainer_arguments(p)
+    run.add_argument("--max-steps", type=int, help="stop after this many rollout batches (smoke runs, tests)")
+    run.add_argument("--seed", type=int, default=0, help="data order and sampling seed")
+    run.add_argument("--save-every", type=int, default=50, help="checkpoint every K rollout batches; 0 = never")
+    run.add_argument("--save-rollouts-every", type=int, default=10,
+                     help="write every response of each K-th rollout batch to OUT/rollouts/ (0 = never)")
+    run.add_argument("--eval-data", help="held-out prompts scored as evaluate.py does (greedy, forced exit)")
+    run.add_argument("--eval-every", type=int, default=50, help="rollout batches between held-out scores (50)")
     return p.parse_args(argv)
 
 
 # --- rollouts and log-probabilities ------------------------------------------------------------------------
 
-class Sample:
-    """One response: its tokens, which of them enter the loss, its reward and log-probabilities, and its
-    prompt's images (files or PIL images) with their patch grid, for the trainer's forward."""
+class Prompt(NamedTuple):
+    """A prompt as both the engine and the trainer see it."""
+    record: Record
+    ids: list[int]  # the chat template's generation prompt, each image's placeholder expanded to its patches
+    image_grid_thw: torch.Tensor | None  # [images, 3] patches per image; None for a text prompt
 
-    def __init__(self, record, prompt_ids, response_ids, vllm_logprobs, forced, truncated, text,
-                 image_grid_thw=None):
-        self.record, self.prompt_ids, self.response_ids = record, prompt_ids, response_ids
-        self.vllm_logprobs, self.forced, self.truncated, self.text = vllm_logprobs, forced, truncated, text
-        self.images = image_refs(record.messages) if image_grid_thw is not None else []
-        self.image_grid_thw = image_grid_thw
-        self.reward = self.advantage = 0.0
-        self.old_logprobs = self.ref_logprobs = None
+    @property
+    def images(self) -> list:
+        return image_refs(self.record.messages) if self.image_grid_thw is not None else []
+
+
+@dataclass
+class Sample:
+    """One response: its tokens, which were forced, and what grading and the trainer's forwards add to it."""
+    prompt: Prompt
+    response_ids: list[int]
+    vllm_logprobs: list[float]
+    forced: list[int]
+    truncated: bool
+    text: str
+    reward: float = 0.0
+    advantage: float = 0.0
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
 
     def loss_mask(self, mask_truncated: bool) -> list[float]:
         if self.truncated and mask_truncated:
@@ -162,50 +180,35 @@ def rollout_seed(seed: int, step: int, prompt_index: int, group_size: int, promp
     return seed * 2 ** 40 + (step * prompts_per_step + prompt_index) * group_size
 
 
-def tokenize_prompts(records, tokenizer, image_processor=None) -> tuple[list[list[int]], list]:
-    """Each record's prompt ids, and its images' patch grid (None for a text prompt). An image prompt has
-    one <|image_pad|> per merged patch of each image, as the model's processor (and vLLM) lays it out."""
-    encoded = [encode_prompt(tokenizer, image_processor, record.messages) for record in records]
-    return [ids for ids, _ in encoded], [grid for _, grid in encoded]
-
-
-def engine_request(record, prompt_ids, tokenizer) -> dict:
-    """What vLLM is asked to continue: the prompt's ids, or for an image prompt its text and images
-    (vLLM expands the image tokens itself; given expanded ids it would expand them again)."""
-    if not image_refs(record.messages):
-        return {"prompt_token_ids": prompt_ids}
-    return {"prompt": tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True),
-            "multi_modal_data": {"image": images_of(record.messages)}}
-
-
-def rollout(llm, records, prompts, grids, args, step: int, exit_ids, tokenizer, first_index: int,
+def rollout(llm, prompts: list[Prompt], args, step: int, exit_ids, tokenizer, first_index: int,
             stop_ids: list[int]) -> list[list[Sample]]:
     """One group per prompt: its group_size responses. first_index is this rank's first prompt in the global
     batch. stop_ids end a response besides EOS: a VLM's image and video placeholders, which the trainer's
     forward would take for an image's place (vLLM embeds a sampled one as text)."""
     from vllm import SamplingParams
 
-    from engine import budget_args
+    from engine import budget_args, vllm_request
     params = [SamplingParams(n=args.group_size, temperature=args.temperature, top_p=args.top_p,
                              max_tokens=args.max_response_length, logprobs=0, stop_token_ids=stop_ids,
                              seed=rollout_seed(args.seed, step, first_index + i, args.group_size,
                                                args.global_batch_size),
                              extra_args=budget_args(args.think_budget, exit_ids))
-              for i in range(len(records))]
-    outputs = llm.generate([engine_request(r, p, tokenizer) for r, p in zip(records, prompts)], params,
+              for i in range(len(prompts))]
+    # a text prompt goes as its ids; an image prompt as text and images, which vLLM lays out itself
+    outputs = llm.generate([vllm_request(tokenizer, p.record.messages, {}) for p in prompts], params,
                            use_tqdm=False)
     groups = []
-    for record, prompt_ids, grid, output in zip(records, prompts, grids, outputs):
-        if list(output.prompt_token_ids) != prompt_ids:  # the trainer must score what the engine sampled from
-            raise RuntimeError(f"vLLM laid out the prompt of id {record.id} differently from the model's processor "
-                               f"({len(output.prompt_token_ids)} tokens against {len(prompt_ids)})")
+    for prompt, output in zip(prompts, outputs):
+        if list(output.prompt_token_ids) != prompt.ids:  # the trainer must score what the engine sampled from
+            raise RuntimeError(f"vLLM laid out the prompt of id {prompt.record.id} differently from the model's "
+                               f"processor ({len(output.prompt_token_ids)} tokens against {len(prompt.ids)})")
         group = []
         for o in output.outputs:
             ids = list(o.token_ids)
-            forced = count_forced(ids, args.think_budget, exit_ids) if args.think_budget is not None else []
-            group.append(Sample(record, prompt_ids, ids, [lp[t].logprob for lp, t in zip(o.logprobs, ids)],
-                                forced, o.finish_reason == "length", tokenizer.decode(ids, skip_special_tokens=True),
-                                grid))
+            forced = count_forced(ids, args.think_budget, exit_ids, decode=tokenizer.decode) \
+                if args.think_budget is not None else []
+            group.append(Sample(prompt, ids, [lp[t].logprob for lp, t in zip(o.logprobs, ids)], forced,
+                                o.finish_reason == "length", tokenizer.decode(ids, skip_special_tokens=True)))
         groups.append(group)
     return groups
 
@@ -215,8 +218,9 @@ def grade_groups(groups: list[list[Sample]], args) -> list[list[Sample]]:
     its group; returns the groups the update trains on (every one: the recipe keeps groups whose rewards
     are all equal, which have advantage 0 and add only to the divisor)."""
     samples = [s for group in groups for s in group]
-    rewards = grade_many([s.text for s in samples], [s.record.answer for s in samples],
-                         [s.record.options for s in samples], args.grading_workers, args.grading_timeout)
+    records = [s.prompt.record for s in samples]
+    rewards = grade_many([s.text for s in samples], [r.answer for r in records], [r.options for r in records],
+                         args.grading_workers, args.grading_timeout)
     for s, reward in zip(samples, rewards):
         s.reward = reward
     for group in groups:
@@ -231,10 +235,10 @@ def collate(samples: list[Sample], layout: str, model=None, image_processor=None
     the position before it. The last response token predicts nothing, so it is not an input: a response
     that ends in a VLM's image placeholder (a stop token of the rollout) then has no placeholder without
     its image. Image prompts bring their pixels and mrope positions (packing.collate_sequences)."""
-    return collate_sequences([s.prompt_ids + s.response_ids[:-1] for s in samples],
-                             [[(len(s.prompt_ids) - 1 + j, t) for j, t in enumerate(s.response_ids)] for s in samples],
-                             layout, [s.images for s in samples], [s.image_grid_thw for s in samples], model,
-                             image_processor)
+    return collate_sequences([s.prompt.ids + s.response_ids[:-1] for s in samples],
+                             [[(len(s.prompt.ids) - 1 + j, t) for j, t in enumerate(s.response_ids)] for s in samples],
+                             layout, [s.prompt.images for s in samples], [s.prompt.image_grid_thw for s in samples],
+                             model, image_processor)
 
 
 def per_sample(samples: list[Sample], values: torch.Tensor) -> list[torch.Tensor]:
@@ -249,26 +253,25 @@ def flat(values: list, device) -> torch.Tensor:
 
 def micro_batches_of(samples: list[Sample], args, device) -> list[list[Sample]]:
     """Samples cut by the token budget, in as many micro-batches as on every other rank (some may be empty)."""
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    lengths = [len(s.prompt.ids) + len(s.response_ids) for s in samples]
     groups = as_many_on_every_rank(micro_batches(lengths, args.max_tokens_per_micro_batch, args.layout), device)
     return [[samples[i] for i in group] for group in groups]
 
 
 @torch.no_grad()
-def fill_logprobs(model, samples, attr, args, device, with_entropy=False, image_processor=None) -> float:
-    """Store each sample's response log-probs under `attr`; with_entropy, return the summed entropy of
-    the tokens that enter the loss."""
-    entropy_sum = 0.0
+def logprobs_of(model, samples: list[Sample], args, device, with_entropy=False,
+                image_processor=None) -> tuple[list[torch.Tensor], float]:
+    """Each sample's response log-probs under the model, and with_entropy the summed entropy of the tokens that
+    enter the loss (else 0). The forward with targets (packing.install_target_logprobs): the targets' log-probs
+    in chunks, never the full [tokens, vocabulary] logits."""
+    values, entropy_sum = {}, 0.0
     for chunk in micro_batches_of(samples, args, device):
-        # the forward with targets that training.load_model installed (packing.install_target_logprobs):
-        # the targets' log-probs, computed in chunks, never the full [tokens, vocabulary] logits
-        batch = collate(chunk, args.layout, model, image_processor)
-        logprobs, entropy = target_logprobs(model, batch, device, args.temperature, with_entropy)
-        for s, values in zip(chunk, per_sample(chunk, logprobs)):
-            setattr(s, attr, values)
+        logprobs, entropy = target_logprobs(model, collate(chunk, args.layout, model, image_processor), device,
+                                            args.temperature, with_entropy)
+        values.update(zip(map(id, chunk), per_sample(chunk, logprobs)))
         if with_entropy:
             entropy_sum += loss_token_sum(chunk, entropy, args)
-    return entropy_sum
+    return [values[id(s)] for s in samples], entropy_sum
 
 
 def loss_token_sum(chunk: list[Sample], values, args) -> float:
@@ -278,6 +281,24 @@ def loss_token_sum(chunk: list[Sample], values, args) -> float:
 
 
 # --- the update ---------------------------------------------------------------------------------------------
+
+def comparison_logprobs(model, reference, mini_batches: list[list[Sample]], args, device, image_processor=None) -> float:
+    """The log-probs the update compares with: the sampling policy's for every mini-batch but the first (whose own
+    training forward gives them, before any update moves the weights), and the reference's for all. Returns the
+    summed entropy of the later mini-batches' loss tokens (the first's comes from its training forward)."""
+    later = [s for mini in mini_batches[1:] for s in mini]
+    old, entropy = logprobs_of(model, later, args, device, True, image_processor)
+    for s, values in zip(later, old):
+        s.old_logprobs = values
+    if reference is not None:
+        samples = [s for mini in mini_batches for s in mini]
+        for s, values in zip(samples, logprobs_of(reference, samples, args, device, False, image_processor)[0]):
+            s.ref_logprobs = values
+        # FSDP2 keeps a root unit gathered after forward (torch/distributed/fsdp/_fully_shard/_fsdp_state.py,
+        # "For the root, do not reshard after forward"); the reference has no backward to free it
+        reference.reshard()
+    return entropy
+
 
 def mini_batch_divisor(mini: list[Sample], args, device) -> float:
     """What a mini-batch's loss is divided by: its weighted response tokens on every rank."""
@@ -361,7 +382,8 @@ def step_metrics(groups: list[list[Sample]], trained: list[list[Sample]], taken:
              "groups_all_equal": sum(len({s.reward for s in group}) == 1 for group in groups),
              "groups_trained": len(trained), "response_tokens": sum(len(s.response_ids) for s in sampled),
              "truncated": sum(s.truncated for s in sampled), "forced": sum(bool(s.forced) for s in sampled),
-             "training_tokens": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples),
+             "training_tokens": sum(len(s.prompt.ids) + len(s.response_ids) for s in samples),
+             "squared_lengths": sum((len(s.prompt.ids) + len(s.response_ids)) ** 2 for s in samples),
              "loss_tokens": sum(sum(w) for w in weights),
              "vllm_logprob_gap": sum(abs(v - o) * w for s, ws in zip(samples, weights)
                                      for v, o, w in zip(s.vllm_logprobs, s.old_logprobs.tolist(), ws)),
@@ -380,43 +402,85 @@ def step_metrics(groups: list[list[Sample]], trained: list[list[Sample]], taken:
             "entropy": per_loss_token["entropy"], "kl": per_loss_token["kl"],
             "vllm_logprob_gap": per_loss_token["vllm_logprob_gap"], "loss": taken["loss"] / steps,
             "grad_norm": taken["grad_norm"] / steps, "optimizer_steps": taken["optimizer_steps"],
-            "training_tokens": int(total["training_tokens"])}
+            "training_tokens": int(total["training_tokens"]), "squared_lengths": total["squared_lengths"]}
 
 
-# --- weights into the engine --------------------------------------------------------------------------------
+# --- what a run keeps to read ---------------------------------------------------------------------------------
 
-def sync_weights(llm, model) -> None:
-    """Load the policy's weights into the vLLM engine, gathering one parameter at a time from the FSDP
-    shards, so no GPU ever holds a second full copy of the model. Each shard is cast to the engine's
-    dtype before it is gathered (bf16 on GPU: half the bytes of the fp32 masters)."""
-    dtype = llm.llm_engine.vllm_config.model_config.dtype
-
-    def weights():
-        for name, tensor in model.state_dict().items():
-            tensor = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
-            yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
-    # Every cache computed with the old weights: the prefix cache's KV blocks, and a VLM's encoder cache of
-    # image embeddings (an image prompt after a reload otherwise fails with "Encoder cache miss").
-    # vLLM's processor cache holds preprocessed pixels only, which no weight changes.
-    llm.reset_prefix_cache()
-    llm.llm_engine.reset_encoder_cache()
+def save_rollouts(groups: list[list[Sample]], path: str) -> None:
+    """Every rank's responses of one rollout batch, one JSON line each, in one file (rank 0 writes it)."""
+    write_jsonl_of_all_ranks(path, [
+        {"prompt_id": s.prompt.record.id, "prompt": readable(s.prompt.record.messages), "response": s.text,
+         "extracted": extract_answer(s.text), "gold": s.prompt.record.answer, "reward": s.reward,
+         "advantage": s.advantage, "forced_exit": bool(s.forced), "truncated": s.truncated,
+         "length": len(s.response_ids)} for group in groups for s in group])
 
 
-def greedy_match(llm, model, record, prompt_ids: list[int], tokenizer, image_processor, device, n: int = 16) -> float:
-    """Fraction of n greedy tokens on which vLLM and the policy agree (a check that the sync took), on a
-    prompt with its images if it has any."""
-    from vllm import SamplingParams
-    out = llm.generate([engine_request(record, prompt_ids, tokenizer)],
-                       SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
-    engine_ids = list(out[0].outputs[0].token_ids)
-    inputs = {"input_ids": torch.tensor([prompt_ids])}
-    if image_refs(record.messages):
-        inputs.update(image_processor(images=images_of(record.messages), return_tensors="pt"))
-    with torch.no_grad():
-        ids = model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False)[0, len(prompt_ids):].tolist()
-    return sum(a == b for a, b in zip(engine_ids, ids)) / n
+def score_held_out(llm, records: list[Record], args, exit_ids, device) -> dict:
+    """evaluate.py's protocol on --eval-data from the colocated engine: greedy, its prompt, its forced exit (the
+    budget leaves min(256, a quarter of --max-response-length) tokens to answer) and its grading; each rank
+    answers its share. Accuracy, mean output tokens and forced-exit rate over all ranks."""
+    from evaluate import ANSWER_TOKENS, VLLMBackend, run_items
+    mine = records[dist.get_rank()::dist.get_world_size()]
+    budget = args.max_response_length - min(ANSWER_TOKENS, args.max_response_length // 4)
+    items = run_items(VLLMBackend(llm, progress=False), mine, 1, 0.0, budget, args.max_response_length,
+                      exit_ids) if mine else []
+    total = sum_over_ranks({"n": len(items), "correct": sum(i["correct"][0] for i in items),
+                            "tokens": sum(i["output_tokens"][0] for i in items),
+                            "forced": sum(i["forced_exit"][0] for i in items)}, device)
+    n = max(total["n"], 1)
+    return {"eval_accuracy": total["correct"] / n, "eval_response_length": total["tokens"] / n,
+            "eval_forced_exit_rate": total["forced"] / n, "eval_n": int(total["n"])}
+
+
+# --- setting up ---------------------------------------------------------------------------------------------
+
+def load_prompts(args, tokenizer) -> tuple[list[Prompt], list[Record], object, int]:
+    """The training prompts (longer ones than --max-prompt-length dropped, and counted), the held-out records,
+    the image processor where a prompt has images, and the most images in one prompt (the engine's limit)."""
+    from data.records import DataError
+    from engine import load_image_processor
+    records = load_records(args.data, args.data_format, args.data_split, style="train")
+    held_out = load_records(args.eval_data, style="eval") if args.eval_data else []
+    for path, rows in ((args.data, records), (args.eval_data, held_out)):
+        missing = next((i for i, r in enumerate(rows) if r.answer is None or not str(r.answer).strip()), None)
+        if missing is not None:
+            raise DataError(f"{path}: row {missing}: no gold answer (id {rows[missing].id}); RL needs one per prompt")
+    with_images = next((i for i, r in enumerate(records) if image_refs(r.messages)), None)
+    image_processor = None if with_images is None else load_image_processor(
+        args.model, f"{args.data}: row {with_images} (id {records[with_images].id})", args.trust_remote_code)
+    prompts = [Prompt(r, *encode_prompt(tokenizer, image_processor, r.messages)) for r in records]
+    kept = [p for p in prompts if len(p.ids) <= args.max_prompt_length]
+    if dist.get_rank() == 0:
+        print(f"data: {len(kept)} prompts ({sum(p.image_grid_thw is not None for p in kept)} with images, "
+              f"{len(prompts) - len(kept)} over --max-prompt-length dropped)" +
+              (f"; {len(held_out)} held-out prompts" if held_out else ""))
+    return kept, held_out, image_processor, max((len(image_refs(r.messages)) for r in records + held_out), default=0)
+
+
+def load_reference(args, policy, images: bool, device):
+    """The frozen starting model the KL term is taken against, sharded as the policy (sharing its frozen tower)."""
+    from training import load_model, shard_model, vision_tower, vision_trains
+    reference = load_model(args.model, images_in_batches=images, trust_remote_code=args.trust_remote_code,
+                           activation_checkpointing=False, attn_implementation=args.attn_implementation)
+    if vision_tower(reference) is not None and not vision_trains(policy):
+        reference.model.visual = vision_tower(policy)
+    return shard_model(reference, device, images).requires_grad_(False).eval()
+
+
+def start_engine(args, model, images: int, exit_ids):
+    """This rank's colocated vLLM engine, in this process (in-place weight reloads) and asleep while training
+    on GPU; the forced-exit processor only where a budget applies (--think-budget, or --eval-data's)."""
+    from engine import make_llm, on_gpu
+    from training import vision_tower
+    # a VLM's engine reserves memory for as many images per prompt as the prompts have (text: the KV cache gets it)
+    image_limit = {"limit_mm_per_prompt": {"image": images, "video": 0}} if vision_tower(model) is not None else {}
+    return make_llm(args.model, max_model_len=args.max_prompt_length + args.max_response_length, seed=args.seed,
+                    in_process=True, external_launcher=on_gpu(), enable_sleep_mode=on_gpu(),
+                    gpu_memory_utilization=args.gpu_memory_utilization,
+                    exit_ids=exit_ids if args.think_budget is not None or args.eval_data else None,
+                    # log-probs after temperature, as the trainer's: the gap then measures the weight sync
+                    logprobs_mode="processed_logprobs", **image_limit)
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -424,48 +488,37 @@ def greedy_match(llm, model, record, prompt_ids: list[int], tokenizer, image_pro
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: in-place reloads
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from data.grading import start_grading_workers
-    from data.records import DataError
-    from engine import make_llm, on_gpu, shutdown_llm
-    from training import (MetricsLog, Timer, describe_setup, export_model, init_distributed, load_checkpoint, load_model,
-                          memory_in_use_gib, peak_memory_gib, refuse_stale_checkpoints, save_checkpoint,
-                          seed_everything, shard_model, step_indices, vision_tower, vision_trains)
+    from engine import lent_to_the_trainer, require_model, shutdown_llm, sync_check, sync_weights, vllm_request
+    from training import (MetricsLog, Progress, Timer, describe_setup, export_model, init_distributed, load_checkpoint,
+                          load_model, memory_in_use_gib, mfu_meter, peak_memory_gib, record_trainer_run,
+                          refuse_stale_checkpoints, save_checkpoint, seed_everything, shard_model, step_indices,
+                          vision_tower)
 
+    require_model(args.model, trust_remote_code=args.trust_remote_code)
     rank, world, device = init_distributed()
     if not args.resume:
         refuse_stale_checkpoints(args.output_dir)
+    record_trainer_run("grpo", args, ("model", "data", "data_format", "data_split", "seed", "global_batch_size",
+                                      "group_size", "train"))
     start_grading_workers(args.grading_workers, args.grading_timeout)  # they import math-verify while we load
     seed_everything(args.seed)
     if args.global_batch_size % world:
         raise SystemExit(f"error: --global-batch-size {args.global_batch_size} must be a multiple of the world size {world}")
     per_rank = args.global_batch_size // world
 
+    # data: prompts with gold answers, laid out as the model's processor (and vLLM) lays them out
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     exit_ids = tokenizer.encode(args.exit_text, add_special_tokens=False)
-    records = load_records(args.data, args.data_format, args.data_split, style="train")
-    image_processor = None
-    for index, record in enumerate(records):
-        if record.answer is None or not str(record.answer).strip():
-            raise DataError(f"{args.data}: row {index}: no gold answer (id {record.id}); RL needs one per prompt")
-        if image_refs(record.messages) and image_processor is None:
-            image_processor = load_image_processor(args.model, f"{args.data}: row {index} (id {record.id})",
-                                                   args.trust_remote_code)
-    prompts, grids = tokenize_prompts(records, tokenizer, image_processor)
-    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_length]
-    dropped = len(records) - len(keep)
-    records, prompts, grids = [records[i] for i in keep], [prompts[i] for i in keep], [grids[i] for i in keep]
-    images = max((len(image_refs(r.messages)) for r in records), default=0)  # most images in one prompt
-    steps_per_epoch = len(records) // args.global_batch_size
+    prompts, held_out, image_processor, images = load_prompts(args, tokenizer)
+    steps_per_epoch = len(prompts) // args.global_batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {args.data}: {len(records)} usable prompts, fewer than one batch ({args.global_batch_size})")
+        raise SystemExit(f"error: {args.data}: {len(prompts)} usable prompts, fewer than one batch ({args.global_batch_size})")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    if rank == 0:
-        print(f"data: {len(records)} prompts ({sum(g is not None for g in grids)} with images, {dropped} over "
-              f"--max-prompt-length dropped), {steps_per_epoch} rollout batches per epoch, {total_steps} in all")
 
+    # the policy (FSDP2), its optimizer, the frozen reference, and the colocated engine
     model = shard_model(load_model(args.model, train=args.train, images_in_batches=images > 0,
                                    trust_remote_code=args.trust_remote_code,
                                    activation_checkpointing=args.activation_checkpointing,
@@ -477,106 +530,73 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(1, round(args.warmup_ratio * total_steps * args.mini_batches))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    reference = None
-    if args.kl_coef > 0:
-        reference = load_model(args.model, images_in_batches=images > 0, trust_remote_code=args.trust_remote_code,
-                               activation_checkpointing=False, attn_implementation=args.attn_implementation)
-        if vision_tower(reference) is not None and not vision_trains(model):  # frozen: the policy's is the same
-            reference.model.visual = vision_tower(model)
-        reference = shard_model(reference, device, images > 0)
-        reference.requires_grad_(False)
-        reference.eval()
-
+    reference = load_reference(args, model, images > 0, device) if args.kl_coef > 0 else None
     start_step = 0
     if args.resume and (checkpoint := latest_checkpoint(args.output_dir)):
-        state = load_checkpoint(checkpoint, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
+        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
         if rank == 0:
             print(f"resumed from {checkpoint} at step {start_step}")
-    os.makedirs(args.output_dir, exist_ok=True)
     metrics = MetricsLog(args.output_dir, rank, args.wandb_project, vars(args), resume_step=start_step)
-
-    # a VLM's engine reserves memory for as many images per prompt as the data has (none for text prompts:
-    # the KV cache gets it)
-    image_limit = {"limit_mm_per_prompt": {"image": images, "video": 0}} if vision_tower(model) is not None else {}
-    placeholder_ids = [model.config.image_token_id, model.config.video_token_id] if image_limit else []
-    llm = make_llm(args.model, max_model_len=args.max_prompt_length + args.max_response_length, seed=args.seed,
-                   in_process=True, external_launcher=on_gpu(), enable_sleep_mode=on_gpu(),
-                   gpu_memory_utilization=args.gpu_memory_utilization,
-                   exit_ids=exit_ids if args.think_budget is not None else None,
-                   # log-probs after temperature, as the trainer's: the gap then measures the weight sync
-                   logprobs_mode="processed_logprobs", **image_limit)
+    llm = start_engine(args, model, images, exit_ids)
     if start_step > 0:
         sync_weights(llm, model)
+    placeholder_ids = [model.config.image_token_id, model.config.video_token_id] if vision_tower(model) else []
+    mfu = mfu_meter(model, world)
 
     model.train()
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=rank != 0,
-                    desc="grpo")
-    for step in progress:
-        timer, times, memory = Timer(), {}, {}
+    progress = Progress("grpo", start_step, total_steps, rank, args.log_every)
+    for step in range(start_step, total_steps):
+        timer, memory = Timer(), {}
         # 1. sample: a group of --group-size responses to each of this rank's prompts
-        indices = step_indices(len(records), args.global_batch_size, step, steps_per_epoch, args.seed)
-        mine = indices[rank * per_rank:(rank + 1) * per_rank]
-        groups = rollout(llm, [records[i] for i in mine], [prompts[i] for i in mine], [grids[i] for i in mine], args,
-                         step, exit_ids, tokenizer, rank * per_rank, placeholder_ids)
+        indices = step_indices(len(prompts), args.global_batch_size, step, steps_per_epoch, args.seed)
+        groups = rollout(llm, [prompts[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]], args, step,
+                         exit_ids, tokenizer, rank * per_rank, placeholder_ids)
         memory["rollout"] = memory_in_use_gib(device)
-        if on_gpu():  # level 2 drops the weights too (no round trip to host memory): sync_weights reloads them all
-            llm.sleep(level=2)
-        times["rollout"] = timer()
-
-        # 2. grade, and 3. advantages within each group
-        trained = grade_groups(groups, args)
-        times["grading"] = timer() - times["rollout"]
-
-        # 4. the log-probs the update compares with: the sampling policy's (the first mini-batch gets its own in
-        # its training forward; the later ones need theirs before any update) and the reference's
-        samples = [s for group in trained for s in group]
-        mini_batches = split_mini_batches(samples, args.mini_batches, args.seed + step)
-        entropy_sum = fill_logprobs(model, [s for mini in mini_batches[1:] for s in mini], "old_logprobs", args,
-                                    device, True, image_processor)
-        if reference is not None:
-            fill_logprobs(reference, samples, "ref_logprobs", args, device, image_processor=image_processor)
-            # FSDP2 keeps a root unit gathered after forward (torch/distributed/fsdp/_fully_shard/_fsdp_state.py,
-            # "For the root, do not reshard after forward"); the reference has no backward to free it: 2 GiB at
-            # 7B held through the rollouts
-            reference.reshard()
-
-        # 5. --mini-batches optimizer steps on the rollout batch
-        taken, token_sums = update(model, optimizer, scheduler, params, mini_batches, args, step, device,
-                                   image_processor)
-        token_sums["entropy"] += entropy_sum
-        times["training"] = timer() - times["rollout"] - times["grading"]
-        memory["training"] = memory_in_use_gib(device)
-
-        # 6. the new weights into the engine
-        if on_gpu():
-            torch.cuda.empty_cache()  # the trainer's free cached blocks go back before vLLM takes its memory
-            llm.wake_up(tags=["weights"])
-        sync_weights(llm, model)
-        if on_gpu():
-            llm.wake_up(tags=["kv_cache"])
-        times["sync"] = timer() - times["rollout"] - times["grading"] - times["training"]
+        timer.lap("rollout")
+        with lent_to_the_trainer(llm, model):  # the engine sleeps; it wakes holding the new weights
+            # 2. grade, and 3. advantages within each group
+            trained = grade_groups(groups, args)
+            timer.lap("grading")
+            # 4. cut into --mini-batches, with the log-probs the update compares with
+            mini_batches = split_mini_batches([s for group in trained for s in group], args.mini_batches,
+                                              args.seed + step)
+            entropy = comparison_logprobs(model, reference, mini_batches, args, device, image_processor)
+            # 5. one optimizer step per mini-batch
+            taken, token_sums = update(model, optimizer, scheduler, params, mini_batches, args, step, device,
+                                       image_processor)
+            token_sums["entropy"] += entropy
+            timer.lap("training")
+            memory["training"] = memory_in_use_gib(device)
+        timer.lap("sync")  # 6. the new weights into the engine
         memory["wake"] = memory_in_use_gib(device)
 
-        # 7. log
+        # 7. log, and what a run keeps
         row = {"step": step + 1, "epoch": step // steps_per_epoch,
-               **step_metrics(groups, trained, taken, token_sums, args, device),
-               "lr": scheduler.get_last_lr()[0], "peak_memory_gib": peak_memory_gib(device),
-               **{f"memory_{k}_gib": v for k, v in memory.items()}, **{f"seconds_{k}": v for k, v in times.items()}}
+               **step_metrics(groups, trained, taken, token_sums, args, device), "lr": scheduler.get_last_lr()[0],
+               "peak_memory_gib": peak_memory_gib(device), **{f"memory_{k}_gib": v for k, v in memory.items()},
+               **{f"seconds_{k}": v for k, v in timer.laps.items()}, "seconds": timer()}
+        row["tokens_per_s"] = row["training_tokens"] / row["seconds_training"]
+        squared_lengths = row.pop("squared_lengths")
+        if mfu:  # a training forward and backward, the reference's forward, and the later mini-batches' old one
+            row["mfu"] = mfu(row["training_tokens"], squared_lengths, row["seconds_training"],
+                             (args.kl_coef > 0) + (args.mini_batches - 1) / args.mini_batches)
         if args.sync_check:  # the batch's first prompt on every rank: the same forwards, so FSDP's collectives match
-            first = indices[0]
-            row["sync_greedy_match"] = greedy_match(llm, model, records[first], prompts[first], tokenizer,
-                                                    image_processor, device)
+            first = prompts[indices[0]]
+            row["sync_greedy_match"], row["sync_logprob_gap"] = sync_check(
+                llm, model, vllm_request(tokenizer, first.record.messages, {}), first.ids, first.images,
+                first.image_grid_thw, image_processor, device)
+        if held_out and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+            row.update(score_held_out(llm, held_out, args, exit_ids, device))
+        if args.save_rollouts_every and (step + 1) % args.save_rollouts_every == 0:
+            save_rollouts(groups, os.path.join(args.output_dir, "rollouts", f"step_{step + 1:08d}.jsonl"))
         metrics.log(row)
-        progress.set_postfix(reward=f"{row['reward_mean']:.3f}", clip_hi=f"{row['clip_high_frac']:.3f}")
+        progress.step(row, reward=f"{row['reward_mean']:.3f}", clip_hi=f"{row['clip_high_frac']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(args.output_dir, step + 1, model, optimizer, {"scheduler": scheduler.state_dict()},
-                            args.keep_checkpoints)
+            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, {}, args.keep_checkpoints)
 
-    if start_step < total_steps:
-        save_checkpoint(args.output_dir, total_steps, model, optimizer, {"scheduler": scheduler.state_dict()},
-                        args.keep_checkpoints)
+    progress.close()
+    if start_step < total_steps and args.final_checkpoint:
+        save_checkpoint(args.output_dir, total_steps, model, optimizer, scheduler, {}, args.keep_checkpoints)
     export_model(model, args.model, os.path.join(args.output_dir, "model"), args.trust_remote_code)
     if rank == 0:
         print(f"exported {os.path.join(args.output_dir, 'model')}")

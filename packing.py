@@ -2,16 +2,22 @@
 without [tokens, vocabulary] logits. Shared by sft.py and grpo.py.
 
 Two layouts, chosen by the attention implementation (layout_for), each the fast one for its kernel:
-- packed (flash-attention 2): a micro-batch's sequences concatenated into one row [1, N], positions
-  restarting at each sequence, no attention mask. transformers reads that single row as packed
-  sequences (it checks `batch_size == 1` in modeling_flash_attention_utils.py) and attends within each
-  sequence through varlen kernels: attention costs the sum of each sequence's square, and no padding.
+- packed (varlen, flash_attention_2): a micro-batch's sequences concatenated into one row [1, N], positions
+  restarting at each sequence, no attention mask, and the sequence boundaries (cu_seq_lens, computed here once
+  per micro-batch). Attention runs within each sequence through a varlen kernel: it costs the sum of each
+  sequence's square, and no padding.
 - padded (SDPA, eager): sequences sorted by length, each micro-batch's rows right-padded to its longest,
   no attention mask. Under a causal mask a real token sees only earlier positions, all real, so the
   padding changes nothing it computes, and SDPA runs its mask-free causal kernel. The same row under
-  SDPA packed would be dense [N, N] attention with a block-diagonal mask: 3-6x slower here.
+  SDPA packed would be dense [N, N] attention with a block-diagonal mask.
 Micro-batches are cut by a token budget (padding included), not a number of sequences: lengths are
 long-tailed.
+
+"varlen" is this project's attention implementation for the language model, registered with transformers'
+AttentionInterface (use_varlen_attention): flash-attn's varlen kernel where that package is installed, else
+torch's own (torch.nn.attention.varlen), so packed rows need no flash-attn build. It reads the boundaries that
+pack() computed, where transformers' flash_attention_2 finds them again from the position ids in every layer
+(host syncs each time). The vision tower keeps its own implementation (it attends per image already).
 
 Log-probabilities: at the paper's sizes (vocabulary 152,064; 16k tokens per micro-batch) fp32 logits
 alone take 9 GiB, and cross-entropy's intermediates as much again. Here the final hidden states are
@@ -31,16 +37,17 @@ CHUNK_LOGITS = 1024 * 152064
 
 
 LAYOUTS = ("packed", "padded")
+VARLEN = "varlen"
+ATTN_IMPLEMENTATIONS = (VARLEN, "flash_attention_2", "sdpa", "eager")
 
 
 def layout_for(attn_implementation: str) -> str:
     """The micro-batch layout whose cost fits the kernel: packed where attention is varlen, else padded."""
-    return "packed" if attn_implementation.startswith("flash_attention") else "padded"
+    return "packed" if attn_implementation == VARLEN or attn_implementation.startswith("flash_attention") else "padded"
 
 
-# The cost of one more forward and backward, in padded tokens: what a split must save to be worth it.
-# On the SFT benchmark's workload (CPU, tiny model, ~30 tokens per millisecond) the step took 0.261 s at
-# 128, 0.278 s at 512 and 0.309 s at 2,048; a 7B's kernel launches on a GPU cost less than a token's compute.
+# The cost of one more forward and backward, in padded tokens: what a split must save to be worth it
+# (docs/performance.md: measured on the SFT benchmark).
 MICRO_BATCH_COST_TOKENS = 128
 
 
@@ -87,8 +94,9 @@ def pack(sequences: list[list[int]], targets: list[list[tuple[int, int]]],
     that position. Returns input_ids and positions [rows, width], and the targets' indices in the
     flattened rows and their token ids, in sequence order. rope_positions[i]: a VLM's [3, len] multimodal
     rope positions of a sequence with images (None for text: its positions on all three axes); given, the
-    batch holds them as [3, rows, width]. No sequences: one token and no target (an empty micro-batch,
-    that a rank runs to join the others' collectives)."""
+    batch holds them as [3, rows, width]. A packed batch also holds cu_seq_lens (int32 [sequences + 1]: where each
+    sequence starts, then the row's length) and max_length (an int). No sequences: one token and no target (an
+    empty micro-batch, that a rank runs to join the others' collectives)."""
     if not sequences:
         sequences, targets, rope_positions = [[0]], [[]], None
     if rope_positions is not None:
@@ -116,6 +124,9 @@ def pack(sequences: list[list[int]], targets: list[list[tuple[int, int]]],
              "target_index": torch.tensor([start + p for start, pairs in zip(starts, targets) for p, _ in pairs],
                                           dtype=torch.long),
              "target_ids": torch.tensor([t for pairs in targets for _, t in pairs], dtype=torch.long)}
+    if layout == "packed":  # the sequence boundaries, once per micro-batch rather than once per layer
+        batch["cu_seq_lens"] = torch.tensor(starts + [len(rows[0])], dtype=torch.int32)
+        batch["max_length"] = max(len(sequence) for sequence in sequences)
     if rope is not None:
         batch["rope_positions"] = rope
     return batch
@@ -228,9 +239,68 @@ def position_ids_for(model, batch: dict) -> torch.Tensor:
     return torch.cat([positions.unsqueeze(0), rope])
 
 
+def model_inputs(model, batch: dict, device) -> dict:
+    """A batch as the model's forward takes it: ids, positions, images, and a packed row's sequence boundaries
+    (read by the varlen attention; other implementations ignore them)."""
+    inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": position_ids_for(model, batch).to(device)}
+    inputs.update({k: batch[k].to(device) for k in ("pixel_values", "image_grid_thw") if k in batch})
+    if "cu_seq_lens" in batch:
+        inputs.update(packed_cu_seq_lens=batch["cu_seq_lens"].to(device), packed_max_length=batch["max_length"])
+    return inputs
+
+
 def target_logprobs(model, batch: dict, device, temperature: float = 1.0, with_entropy: bool = False):
-    """Log-probs (and entropy) of a packed batch's targets under a model prepared by install_target_logprobs."""
-    images = {k: batch[k].to(device) for k in ("pixel_values", "image_grid_thw") if k in batch}
-    return model(input_ids=batch["input_ids"].to(device), position_ids=position_ids_for(model, batch).to(device),
-                 targets=(batch["target_index"].to(device), batch["target_ids"].to(device)),
-                 temperature=temperature, with_entropy=with_entropy, **images)
+    """Log-probs (and entropy) of a batch's targets under a model prepared by install_target_logprobs."""
+    return model(**model_inputs(model, batch, device), temperature=temperature, with_entropy=with_entropy,
+                 targets=(batch["target_index"].to(device), batch["target_ids"].to(device)))
+
+
+# --- attention per sequence in a packed row ---------------------------------------------------------------
+
+def _flash_attn_kernel(q, k, v, cu_seq_lens, max_length, scale):
+    from flash_attn import flash_attn_varlen_func
+    return flash_attn_varlen_func(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, softmax_scale=scale,
+                                  causal=True)
+
+
+def _torch_kernel(q, k, v, cu_seq_lens, max_length, scale):
+    from torch.nn.attention.varlen import varlen_attn
+    return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scale, window_size=(-1, 0),
+                       enable_gqa=q.shape[1] != k.shape[1])
+
+
+# causal attention within each sequence of a packed row: (q [tokens, heads, dim], k and v [tokens, kv heads, dim],
+# cu_seq_lens, max_length, scale) -> [tokens, heads, dim]. Set by use_varlen_attention.
+varlen_kernel = _torch_kernel
+
+
+def flash_attn_installed() -> bool:
+    try:
+        import flash_attn  # noqa: F401  (whether it imports is the question)
+    except ImportError:
+        return False
+    return True
+
+
+def use_varlen_attention() -> None:
+    """Register "varlen" with transformers' AttentionInterface, on flash-attn's kernel where the package imports
+    and on torch's otherwise (both CUDA only)."""
+    global varlen_kernel
+    from transformers import AttentionInterface
+    varlen_kernel = _flash_attn_kernel if flash_attn_installed() else _torch_kernel
+    AttentionInterface.register(VARLEN, varlen_attention)
+
+
+def varlen_kernel_name() -> str:
+    return {_flash_attn_kernel: "flash-attn", _torch_kernel: "torch varlen_attn"}.get(varlen_kernel, "replaced")
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_cu_seq_lens=None,
+                     packed_max_length=None, **_):
+    """transformers' attention signature (query, key, value [1, heads, tokens, dim]) for a packed row: attention
+    within each sequence, as pack() bounded them. Returns ([1, tokens, heads, dim], no weights)."""
+    if packed_cu_seq_lens is None or query.shape[0] != 1 or not module.is_causal:
+        raise ValueError("attention 'varlen' takes one packed row with its sequence boundaries (packing.pack, layout "
+                         "packed), in a causal language model")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    return varlen_kernel(q, k, v, packed_cu_seq_lens, packed_max_length, scaling).unsqueeze(0), None

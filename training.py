@@ -16,9 +16,10 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from engine import on_gpu
-from packing import LAYOUTS
+from packing import ATTN_IMPLEMENTATIONS, LAYOUTS, VARLEN, flash_attn_installed, use_varlen_attention
 
 CHECKPOINT_DIR = "checkpoints"
 # Ranks wait at collectives while others finish a rollout batch (up to 4,096 tokens x 8 x 16 prompts each
@@ -26,26 +27,53 @@ CHECKPOINT_DIR = "checkpoints"
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
-def add_trainer_arguments(parser) -> None:
-    """The flags sft.py and grpo.py share word for word: model options, checkpoints kept, resume, logging."""
-    parser.add_argument("--train", type=model_parts, default=frozenset({"language"}), metavar="PARTS",
-                        help="the parts that train, comma-separated from language, projector (a VLM's merger: vision "
-                             "features into the language model's embedding space), vision (its vision tower); the "
-                             "rest is frozen. Default language: the paper's frozen vision encoder and projector. "
-                             "LLaVA-style alignment: projector; Qwen2-VL's first stage: projector,vision")
-    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
-                        help="recompute each layer's activations in backward instead of keeping them. Default: on "
-                             "with GPUs (a 7B keeps ~7 MiB per token without it: 16k tokens take 112 GiB), off on "
-                             "CPU (host memory holds a small model's activations, and recomputing costs a forward)")
-    parser.add_argument("--attn-implementation", help="default: flash_attention_2 if installed on GPU, else sdpa")
-    parser.add_argument("--layout", choices=LAYOUTS,
-                        help="micro-batch layout: packed (one row, restarting positions) or padded (rows sorted by "
-                             "length, right-padded). Default: packed under flash-attention (varlen kernels), padded "
-                             "under sdpa and eager, where a packed row is dense attention over the whole row")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default 2)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    parser.add_argument("--wandb-project", help="also log to this wandb project (needs wandb installed)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
+def add_trainer_arguments(parser):
+    """The flags sft.py and grpo.py share word for word, in two groups: model (what trains, and how it computes)
+    and run (outputs, checkpoints, logging). Returns the run group, for each stage's own run flags."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--train", type=model_parts, default=frozenset({"language"}), metavar="PARTS",
+                       help="parts that train, from language, projector (a VLM's merger), vision (its tower); the rest "
+                            "is frozen (default language: the paper's frozen vision encoder)")
+    model.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                       help="recompute each layer's activations in backward (default: on with GPUs, off on CPU)")
+    model.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS,
+                       help="varlen (default on GPU: packed rows, flash-attn's or torch's varlen kernel), "
+                            "flash_attention_2 (transformers' path), sdpa (default on CPU) or eager")
+    model.add_argument("--layout", choices=LAYOUTS,
+                       help="micro-batch layout: packed (one row) or padded (rows by length); default: the one that "
+                            "suits the attention implementation")
+    model.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", required=True,
+                     help="run.json, metrics, checkpoints and the exported model go here")
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    run.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (default 2)")
+    run.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                     help="checkpoint at the end too, so that --resume can extend the run (default on)")
+    run.add_argument("--log-every", type=int, default=1,
+                     help="steps between plain log lines when stdout is not a terminal (default 1)")
+    run.add_argument("--wandb-project", help="also log to this wandb project (needs wandb installed)")
+    return run
+
+
+def record_trainer_run(stage: str, args, must_match: tuple[str, ...]) -> None:
+    """OUT/run.json (provenance.py), every process's host and device in it; a --resume that cannot continue the
+    run stops every rank in one line."""
+    from provenance import describe_run, host_device, record_run
+
+    devices = [None] * dist.get_world_size()
+    dist.all_gather_object(devices, host_device())
+    refusal = [None]
+    if dist.get_rank() == 0:
+        continuing = args.resume and latest_checkpoint(args.output_dir) is not None
+        try:
+            record_run(os.path.join(args.output_dir, "run.json"), describe_run(stage, args, devices), continuing,
+                       ("world_size", *must_match))
+        except SystemExit as exc:
+            refusal[0] = str(exc.code)
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise SystemExit(refusal[0])
 
 
 # --- processes ---------------------------------------------------------------------------------------
@@ -83,6 +111,17 @@ def sum_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     names = sorted(values)
     totals = all_reduce_sum(torch.tensor([float(values[n]) for n in names], dtype=torch.float64), device).tolist()
     return dict(zip(names, totals))
+
+
+def write_jsonl_of_all_ranks(path: str, rows: list[dict]) -> None:
+    """Every rank's rows gathered into one JSONL file, written by rank 0 (whole, or not at all). Collective."""
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(rows, gathered, dst=0)
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(f"{path}.tmp", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for rank_rows in gathered for row in rank_rows)
+        os.replace(f"{path}.tmp", path)
 
 
 def all_reduce_max(value: float, device) -> float:
@@ -140,13 +179,8 @@ def model_part(name: str) -> str:
 
 
 def default_attn_implementation() -> str:
-    if on_gpu():
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    """varlen on GPUs (packed rows, with or without flash-attn), sdpa on CPU (padded rows)."""
+    return VARLEN if on_gpu() else "sdpa"
 
 
 def load_model(path: str, *, train: frozenset[str] = frozenset({"language"}), images_in_batches: bool = False,
@@ -160,8 +194,14 @@ def load_model(path: str, *, train: frozenset[str] = frozenset({"language"}), im
     from engine import load_hf_model
     from packing import install_target_logprobs
 
+    attn_implementation = attn_implementation or default_attn_implementation()
+    vision_attn_implementation = None
+    if attn_implementation == VARLEN:  # the language model's; the vision tower attends per image already
+        use_varlen_attention()
+        vision_attn_implementation = "flash_attention_2" if flash_attn_installed() else "sdpa"
     model = load_hf_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                          attn_implementation=attn_implementation or default_attn_implementation())
+                          attn_implementation=attn_implementation,
+                          vision_attn_implementation=vision_attn_implementation)
     for name, param in model.named_parameters():
         param.requires_grad_(model_part(name) in train)
     if not any(p.requires_grad for p in model.parameters()):
@@ -179,8 +219,12 @@ def load_model(path: str, *, train: frozenset[str] = frozenset({"language"}), im
 
 def describe_setup(model, path: str, world: int, device, layout: str, train: frozenset[str]) -> str:
     """The line a run prints about what it computes with: model, devices, kernel, layout, recompute, parts."""
+    from packing import varlen_kernel_name
     checkpointing = "on" if model.is_gradient_checkpointing else "off"
-    return (f"model: {path} on {world} x {device.type}, attention {model.config._attn_implementation}, layout {layout}, "
+    attention = model.config._attn_implementation
+    if attention == VARLEN:
+        attention += f" ({varlen_kernel_name()})"
+    return (f"model: {path} on {world} x {device.type}, attention {attention}, layout {layout}, "
             f"activation checkpointing {checkpointing}, training {','.join(sorted(train))}")
 
 
@@ -262,10 +306,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state: dict, keep: int = 2) -> str:
-    """A sharded DCP checkpoint of model and optimizer, with trainer_state (scheduler, data position,
-    ...) and every rank's RNG state. Written to a temporary folder and renamed when complete, so a
-    crash mid-save leaves the previous checkpoint as the latest."""
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, trainer_state: dict,
+                    keep: int = 2) -> str:
+    """A sharded DCP checkpoint of model and optimizer, with the scheduler, trainer_state (data position, ...)
+    and every rank's RNG state. Written to a temporary folder and renamed when complete, so a crash mid-save
+    leaves the previous checkpoint as the latest."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -281,8 +326,8 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state:
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
-        torch.save({**trainer_state, "step": step, "world_size": dist.get_world_size()},
-                   os.path.join(tmp, "trainer_state.pt"))
+        torch.save({**trainer_state, "scheduler": scheduler.state_dict(), "step": step,
+                    "world_size": dist.get_world_size()}, os.path.join(tmp, "trainer_state.pt"))
     dist.barrier()
     if rank == 0:
         os.replace(tmp, final)
@@ -307,8 +352,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(root, done[-1]) if done else None
 
 
-def load_checkpoint(path: str, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG; return the trainer state."""
+def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -320,6 +365,7 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
     if trainer_state["world_size"] != dist.get_world_size():
         raise SystemExit(f"error: {path} was written by {trainer_state['world_size']} processes; resume with the "
                          f"same number (got {dist.get_world_size()})")
+    scheduler.load_state_dict(trainer_state["scheduler"])
     _set_rng_state(torch.load(os.path.join(path, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
     return trainer_state
 
@@ -425,11 +471,51 @@ def memory_in_use_gib(device) -> float:
 
 
 class Timer:
+    """Seconds since it was made (timer()), and the seconds of each named part of that time (timer.lap(name): the
+    time since the previous lap, kept in timer.laps)."""
+
     def __init__(self):
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
 
     def __call__(self) -> float:
         return time.perf_counter() - self.start
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
+
+
+class Progress:
+    """Live progress on rank 0. On a terminal, tqdm's bar; elsewhere (torchrun into a file, a cluster job), where a
+    bar is only carriage returns, one plain line every `every` steps: step, loss or reward, lr, tokens/s, MFU on
+    GPU, seconds, peak memory, and a held-out score when the step has one."""
+
+    FIELDS = (("loss", "loss {:.4f}"), ("reward_mean", "reward {:.3f}"), ("eval_loss", "held-out loss {:.4f}"),
+              ("eval_accuracy", "held-out accuracy {:.3f}"), ("lr", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tokens/s"),
+              ("mfu", "MFU {:.3f}"), ("seconds", "{:.2f} s"), ("peak_memory_gib", "{:.1f} GiB peak"))
+
+    def __init__(self, stage: str, start: int, total: int, rank: int, every: int):
+        self.stage, self.total, self.every, self.rank = stage, total, max(1, every), rank
+        self.bar = tqdm(initial=start, total=total, desc=stage) if rank == 0 and sys.stdout.isatty() else None
+
+    def step(self, row: dict, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(postfix)
+            if any(key.startswith("eval_") for key in row):  # a held-out score stays on the screen
+                self.bar.write(self.line(row))
+        elif self.rank == 0 and (row["step"] % self.every == 0 or row["step"] == self.total):
+            print(self.line(row), flush=True)
+
+    def line(self, row: dict) -> str:
+        return " | ".join([f"{self.stage} step {row['step']}/{self.total}"] +
+                          [form.format(row[key]) for key, form in self.FIELDS if row.get(key) is not None])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0}
@@ -444,6 +530,21 @@ def peak_flops() -> float | None:
     return tflops * 1e12 if tflops else None
 
 
-def train_flops(n_params: int, n_layers: int, hidden: int, tokens: float, sum_squared_lengths: float) -> float:
-    """Forward + backward FLOPs: 6 per parameter per token, plus causal attention (6 * L * H * s^2 per sequence)."""
-    return 6.0 * n_params * tokens + 6.0 * n_layers * hidden * sum_squared_lengths
+def mfu_meter(model, world: int):
+    """On GPU, a function (tokens, sum of squared sequence lengths, seconds, forward-only passes) -> the model FLOPs
+    utilisation of a step over all ranks; None elsewhere. Counts the language model without its input embeddings."""
+    peak = peak_flops()
+    if not peak:
+        return None
+    text = getattr(model.config, "text_config", model.config)
+    n_params = count_params(model) - model.get_input_embeddings().weight.numel()
+    return lambda tokens, squared, seconds, forwards=0.0: train_flops(
+        n_params, text.num_hidden_layers, text.hidden_size, tokens, squared, forwards) / (seconds * world * peak)
+
+
+def train_flops(n_params: int, n_layers: int, hidden: int, tokens: float, sum_squared_lengths: float,
+                forward_passes: float = 0.0) -> float:
+    """FLOPs of one forward and backward over the tokens, plus forward_passes forwards without backward: 6 (and 2
+    per forward) per parameter per token, plus causal attention (6, and 2 per forward, times L * H * s^2 per
+    sequence)."""
+    return (6.0 + 2.0 * forward_passes) * (n_params * tokens + n_layers * hidden * sum_squared_lengths)

@@ -9,7 +9,9 @@ OmniMedVQA and NEJM Image Challenge have no hub copy; they load from local files
   correct option's text), image_path.
 - NEJM Image Challenge: id, question, options ({"A": ..., "E": ...}), answer (a letter), image (path).
 MedQA with its original five options ("medqa_original") loads from MedQA's US test.jsonl: question,
-options ({"A": ..., "E": ...}), answer (text), answer_idx (letter), meta_info.
+options ({"A": ..., "E": ...}), answer (text), answer_idx (letter), meta_info. GPQA ("gpqa") loads from
+Open-Reasoner-Zero's data/eval_data/gpqa_diamond.json (prompt, final_answer, choices).
+MathVista's official testmini.json holds no `query`: its data/query.json, beside it, is read for them.
 
 Images given as paths are relative to the data file's folder, or to `image_root`: OmniMedVQA's
 image_path is relative to the dataset root, and MedXpertQA's image names to the folder its separate
@@ -19,10 +21,11 @@ from __future__ import annotations
 
 import ast
 import io
+import json
 import os
 import re
 
-from data.loaders import LETTERS, convert_each, convert_rows, read_rows, resolve_image_paths
+from data.loaders import LETTERS, convert_each, convert_rows, hub_rows, read_rows, resolve_image_paths
 from data.prompts import user_messages
 from data.records import DataError, Record
 
@@ -109,8 +112,8 @@ def _mathvista(row, base_dir):
     images = [_image(row.get("decoded_image") or row.get("image"), base_dir)]
     # `query` is the question with the benchmark's own answer-format hint (precision, unit, option letters)
     if not row.get("query"):
-        raise ValueError("no `query` (MathVista's question with its answer-format hint, in testmini.json and "
-                         "on the hub)")
+        raise ValueError("no `query` (MathVista's question with its answer-format hint: a field of the hub's rows; "
+                         "the official repository keeps it in data/query.json, read from beside testmini.json)")
     question = row["query"]
     if row["question_type"] == "multi_choice":
         options = {LETTERS[i]: str(c) for i, c in enumerate(row["choices"])}
@@ -123,12 +126,18 @@ def _mathvista(row, base_dir):
     return _math_record(row["pid"], question, str(row["answer"]), images, meta)
 
 
+# MathVision's options that are pictures (<image2> ... <image6>): the row has one image, with them drawn in it
+OPTION_IN_IMAGE = "(drawn in the image)"
+
+
 def _mathvision(row, base_dir):
     images = [_image(row.get("decoded_image") or row.get("image"), base_dir)]
     question = re.sub(r"<image\d*>", "", row["question"]).strip()
     if row.get("options"):
-        options = {LETTERS[i]: str(o) for i, o in enumerate(row["options"])}
-        return _choice_record(row["id"], question, options, str(row["answer"]).strip(), images)
+        drawn = all(re.fullmatch(r"<image\d+>", str(o).strip()) for o in row["options"])
+        options = {LETTERS[i]: OPTION_IN_IMAGE if drawn else str(o) for i, o in enumerate(row["options"])}
+        return _choice_record(row["id"], question, options, str(row["answer"]).strip(), images,
+                              {"options_in_image": True} if drawn else None)
     return _math_record(row["id"], question, str(row["answer"]), images)
 
 
@@ -142,12 +151,24 @@ def _mmstar(row, base_dir):
 
 
 def _medxpertqa(row, base_dir):
+    """The hub's rows and the repository's (MM/test.jsonl), or its evaluation input
+    (eval/data/medxpertqa/input/medxpertqa_mm_input.jsonl: options as [{"letter", "content"}], the label as
+    a one-letter list, images as [{"image_path"}])."""
     question = row["question"].split("Answer Choices:")[0].strip()
     if not row.get("images") or not isinstance(row["images"], list):
         raise ValueError("`images` must list the item's images (the repository's file names, or the hub's "
                          f"image objects), got {row.get('images')!r}")
-    images = [_image(name, base_dir) for name in row["images"]]
-    return _choice_record(row["id"], question, dict(row["options"]), str(row["label"]).strip(), images)
+    images = [_image(image["image_path"] if isinstance(image, dict) and "image_path" in image else image, base_dir)
+              for image in row["images"]]
+    options = row["options"]
+    if isinstance(options, list):
+        options = {option["letter"]: option["content"] for option in options}
+    label = row["label"]
+    if isinstance(label, list):
+        if len(label) != 1:
+            raise ValueError(f"label {label!r}: expected one option")
+        label = label[0]
+    return _choice_record(row["id"], question, dict(options), str(label).strip(), images)
 
 
 def _omnimedvqa(row, base_dir):
@@ -182,10 +203,52 @@ BENCHMARKS = {
     "mathvision": (_mathvision, "MathLLMs/MathVision", [None], "test", None),
     "mmstar": (_mmstar, "Lin-Chen/MMStar", [None], "val", None),
     "medxpertqa_mm": (_medxpertqa, "TsinghuaC3I/MedXpertQA", ["MM"], "test", None),
+    "gpqa": ("orz_eval", None, [None], None, None),  # Open-Reasoner-Zero's data/eval_data/gpqa_diamond.json
     "records": ("records", None, [None], None, None),  # a local JSONL of this project's Records, prompts as given
     "omnimedvqa": (_omnimedvqa, None, [None], None, None),
     "nejm": (_nejm, None, [None], None, None),
 }
+
+
+# The paper's numbers, in %, kept here once (evaluate.py's results.md sets ours beside them). Greedy: Fig. 1, and Table
+# 5 for MathVista and MathVision (Table 5 gives MMMU's baseline as 53.0, Fig. 1 as 53.2). mean@5 at temperature 0.3
+# (avg@5): the bars of Figs. 3-4 that match table entries (Tables 1, 3, 4, 9).
+PAPER_MODELS = ("Qwen2.5-VL-7B-Instruct", "X-Reasoner", "X-Reasoner-Med")
+PAPER_GREEDY = {
+    "gsm8k": {"Qwen2.5-VL-7B-Instruct": 84.9, "X-Reasoner": 88.2},
+    "mmlu_pro": {"Qwen2.5-VL-7B-Instruct": 47.6, "X-Reasoner": 52.6},
+    "mmmu": {"Qwen2.5-VL-7B-Instruct": 53.2, "X-Reasoner": 56.4},
+    "mmmu_pro": {"Qwen2.5-VL-7B-Instruct": 38.7, "X-Reasoner": 43.0},
+    "mathvista": {"Qwen2.5-VL-7B-Instruct": 62.8, "X-Reasoner": 69.0},
+    "mathvision": {"Qwen2.5-VL-7B-Instruct": 25.0, "X-Reasoner": 29.6},
+    "medqa": {"Qwen2.5-VL-7B-Instruct": 56.3, "X-Reasoner": 62.3, "X-Reasoner-Med": 72.4},
+    "mmlu_pro_health": {"Qwen2.5-VL-7B-Instruct": 47.8, "X-Reasoner": 51.3, "X-Reasoner-Med": 58.7},
+    "mmmu_health": {"Qwen2.5-VL-7B-Instruct": 56.7, "X-Reasoner": 60.0, "X-Reasoner-Med": 64.0},
+    "medxpertqa_mm": {"Qwen2.5-VL-7B-Instruct": 22.2, "X-Reasoner": 23.8, "X-Reasoner-Med": 26.4},
+}
+PAPER_MEAN_AT_5 = {
+    "mmlu_pro": {"Qwen2.5-VL-7B-Instruct": 47.6, "X-Reasoner": 53.3},
+    "mmmu_pro": {"Qwen2.5-VL-7B-Instruct": 38.3, "X-Reasoner": 42.5},
+    "gsm8k": {"Qwen2.5-VL-7B-Instruct": 86.0},
+    "mathvision": {"Qwen2.5-VL-7B-Instruct": 24.7},
+    "mmlu_pro_health": {"Qwen2.5-VL-7B-Instruct": 47.8, "X-Reasoner": 53.1},
+    "nejm": {"Qwen2.5-VL-7B-Instruct": 41.8, "X-Reasoner": 45.7},
+    "omnimedvqa": {"Qwen2.5-VL-7B-Instruct": 57.4},
+    "medqa": {"Qwen2.5-VL-7B-Instruct": 50.5},
+    "mmmu_pro_health": {"Qwen2.5-VL-7B-Instruct": 34.3},
+}
+
+
+def _with_mathvista_queries(rows: list, base_dir: str) -> list:
+    """The official repository's testmini.json with each row's `query` from data/query.json beside it (pid ->
+    query); rows that already hold one (the hub's) are kept as they are."""
+    path = os.path.join(base_dir, "query.json")
+    if all(isinstance(row, dict) and row.get("query") for row in rows) or not os.path.exists(path):
+        return rows
+    with open(path, encoding="utf-8") as fh:
+        queries = json.load(fh)
+    return [{**row, "query": row.get("query") or queries.get(str(row.get("pid")))} if isinstance(row, dict) else row
+            for row in rows]
 
 
 def load_benchmark(name: str, path: str | None = None, limit: int | None = None, image_root: str | None = None,
@@ -198,11 +261,13 @@ def load_benchmark(name: str, path: str | None = None, limit: int | None = None,
     converter, hub_id, configs, split, keep = BENCHMARKS[name]
     if path is not None:
         rows, origin, base_dir = read_rows(path), path, os.path.dirname(os.path.abspath(path))
+        if name == "mathvista":
+            rows = _with_mathvista_queries(rows, base_dir)
     elif hub_id is None:
         raise DataError(f"{name}: no hub copy; give a local file as {name}=PATH (schema in data/benchmarks.py)")
     else:
-        import datasets
-        rows = [row for config in configs for row in datasets.load_dataset(hub_id, config, split=split)]
+        rows = [row for config in configs for row in hub_rows(
+            hub_id, config, split, f"give a local copy as {name}=PATH (JSON, JSONL or Parquet in the hub's fields)")]
         origin, base_dir = hub_id, os.getcwd()
     if keep is not None:
         rows = [row for row in rows if keep(row)]

@@ -229,9 +229,15 @@ def read_rows(path: str) -> list:
     return rows
 
 
-def _hub_rows(hub_id: str, config: str | None, split: str):
+def hub_rows(hub_id: str, config: str | None, split: str, instead: str):
+    """A hub data set's split; where the hub cannot give it (no network, no such id), one line that names it
+    and says what to give instead."""
     import datasets
-    return datasets.load_dataset(hub_id, config, split=split)
+    try:
+        return datasets.load_dataset(hub_id, config, split=split)
+    except (OSError, ValueError) as exc:  # ConnectionError and DatasetNotFoundError are OSErrors
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise DataError(f"cannot load {hub_id} from the hub ({type(exc).__name__}: {reason}); {instead}") from None
 
 
 def convert_each(rows, convert, origin: str, what: str, bad_rows: list | None = None) -> list[Record]:
@@ -288,7 +294,8 @@ def load_records(data: str, data_format: str | None = None, split: str | None = 
         else:
             hub_id, config, default_split = data, None, "train"
             fmt = data_format
-        rows = _hub_rows(hub_id, config, split or default_split)
+        rows = hub_rows(hub_id, config, split or default_split,
+                        "give --data a local file in its fields instead (JSON, JSONL or Parquet)")
         if fmt is None:
             fmt = detect_format(rows[0]) if len(rows) else None
             if fmt is None:

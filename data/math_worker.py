@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from decimal import Decimal
 
 # An equation counts as an answer only when its left side is one variable (x = 3 for gold 3):
 # math-verify otherwise matches the right side of any equation (x^2 + 2py = 0 "equals" 0).
@@ -21,6 +22,12 @@ _ASSIGNMENT = re.compile(r"^\s*(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*=(?!=)"
 # reads one as its first term alone, or as a quotient, so that "\frac{14}{3}:1" would equal "\frac{14}{3}".
 _WRAPPED = re.compile(r"^\\(?:boxed|text|textbf|mathrm|mbox|displaystyle)\s*\{(.*)\}$", re.S)
 _OPENING, _CLOSING = "{([", "})]"
+# A lone number written in digit groups (58,500; 58\\,500; 58{,}500), after an optional "x =": math-verify reads
+# the commas as a tuple's. A number with a percent sign, which math-verify reads as itself or a hundredth of it,
+# but not when it is negative (-50\\% is neither -50 nor -0.5 there).
+_ASSIGNED = re.compile(r"^((?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*=\s*)?(.*)$", re.S)
+_GROUPED = re.compile(r"^([-+]?)(\d{1,3}(?:(?:,|\\,|\{,\}|\\!|\\ )\d{3})+)(\.\d+)?$")
+_PERCENT = re.compile(r"^([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*\\?%$")
 
 
 def _parse(text: str, timeout: float) -> list:
@@ -68,8 +75,29 @@ def _ratio_terms(text: str) -> list[str] | None:
     return terms if all(terms) else None
 
 
+def _ungrouped(text: str) -> str:
+    """A lone number's digit groups joined (58,500 -> 58500), keeping an "x =" before it."""
+    head, number = _ASSIGNED.match(text.strip()).groups()
+    grouped = _GROUPED.match(_unwrapped(number))
+    if not grouped:
+        return text
+    return (head or "") + grouped.group(1) + re.sub(r"\D", "", grouped.group(2)) + (grouped.group(3) or "")
+
+
+def _percent_values(text: str) -> list[str] | None:
+    """A number with a percent sign as the two values it may stand for: itself and a hundredth of it."""
+    percent = _PERCENT.match(_unwrapped(text))
+    if not percent:
+        return None
+    return [percent.group(1), str(Decimal(percent.group(1)) / 100)]
+
+
 def math_equivalent(prediction: str, answer: str, timeout: float) -> bool:
     """math-verify equivalence of a predicted and a gold answer string."""
+    prediction, answer = _ungrouped(prediction), _ungrouped(answer)
+    values = _percent_values(prediction) if _percent_values(answer) is None else None
+    if values:
+        return any(math_equivalent(value, answer, timeout) for value in values)
     if "=" in prediction and "=" not in answer and not _ASSIGNMENT.match(prediction):
         return False
     predicted = _ratio_terms(_unwrapped(prediction)) or [prediction]

@@ -41,13 +41,17 @@ def options_in_question(question: str, options: dict[str, str]) -> bool:
     return all(re.search(rf"(?m)^\s*\(?{re.escape(letter)}[.:)]", question) for letter in options)
 
 
-def prompt_text(question: str, options: dict[str, str] | None, style: str) -> str:
+def template(options: dict[str, str] | None, style: str) -> str:
+    """The paper's template for a question: the training one, or in evaluation the choice or the math one."""
     if style == "train":
-        text = TRAIN_TEMPLATE.format(question=question)
-    elif style == "eval":
-        text = (CHOICE_TEMPLATE if options else MATH_TEMPLATE).format(question=question)
-    else:
-        raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
+        return TRAIN_TEMPLATE
+    if style == "eval":
+        return CHOICE_TEMPLATE if options else MATH_TEMPLATE
+    raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
+
+
+def prompt_text(question: str, options: dict[str, str] | None, style: str) -> str:
+    text = template(options, style).format(question=question)
     if options and not options_in_question(question, options):
         text += "\nOptions:\n\n" + format_options(options)
     return text
@@ -60,7 +64,7 @@ def user_messages(question: str, options: dict[str, str] | None = None, style: s
     them ("<image 3>"): each image is then preceded by its label."""
     if not images:
         return [{"role": "user", "content": prompt_text(question, options, style)}]
-    instruction = prompt_text("", None, style)
+    instruction = template(options, style).format(question="")
     with_options = options and not options_in_question(question, options)
     body = question + ("\nOptions:\n\n" + format_options(options) if with_options else "")
     parts = [{"type": "text", "text": instruction}]
@@ -70,6 +74,13 @@ def user_messages(question: str, options: dict[str, str] | None = None, style: s
         parts.append({"type": "image", "image": image})
     parts.append({"type": "text", "text": body})
     return [{"role": "user", "content": parts}]
+
+
+def readable(messages: list[dict]) -> str:
+    """A chat's text for a log or a results file, each image as <image>."""
+    return "\n".join(m["content"] if isinstance(m["content"], str) else
+                     "".join(p["text"] if p.get("type") == "text" else "<image>" for p in m["content"])
+                     for m in messages)
 
 
 def image_refs(messages: list[dict]) -> list:

@@ -134,3 +134,13 @@ def digit_model(qwen2_single, tmp_path_factory):
 def digit_vlm(qwen2_5_vl, tmp_path_factory):
     """The same, from the tiny Qwen2.5-VL (trained on text; its vision tower frozen)."""
     return _digit_sft(qwen2_5_vl, tmp_path_factory.mktemp("digits-vlm"))
+
+
+def sum_records_file(tmp_path):
+    """Two image, two text and two reading examples of the demo's task, written to tmp_path/d.jsonl and read back."""
+    from data import load_records, write_records
+    from data.synthetic import sum_records
+    records = sum_records(2, 0, "image", str(tmp_path), "i") + sum_records(2, 0, "text", str(tmp_path), "t") + \
+        sum_records(2, 0, "reading", str(tmp_path), "r")
+    write_records(str(tmp_path / "d.jsonl"), records)
+    return load_records(str(tmp_path / "d.jsonl"))

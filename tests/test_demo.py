@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import demo
+from evaluate import wilson
 from data import grade, load_records, write_records
 from data.prompts import assistant_target
 from data.prompts import TRAIN_TEMPLATE
@@ -153,12 +154,6 @@ def test_a_row_scores_each_forms_checks_and_how_often_the_text_form_answers_as_t
     assert row["reading"]["accuracy"] == 0.0 and row["text"]["mean_output_tokens"] == 10.5
 
 
-def test_wilson_intervals_match_hand_computed_values():
-    assert demo.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert demo.wilson(200, 400) == pytest.approx((0.4512, 0.5488), abs=1e-4)
-    assert demo.wilson(400, 400) == pytest.approx((0.9905, 1.0), abs=1e-4)
-
-
 def test_the_image_draws_one_character_per_merged_patch(tmp_path):
     (record,) = sum_records(1, 2, "image", str(tmp_path), "i")
     write_records(str(tmp_path / "d.jsonl"), [record])
@@ -192,19 +187,35 @@ def test_each_kind_of_run_has_its_own_default_directory():
                     "runs/demo-seed1", "runs/demo-large-seed2", "runs/demo-quick", "runs/demo-dev-seed1"]
 
 
-@pytest.mark.parametrize("control", [False, True], ids=["built-language-model-first", "control-with-ablations"])
-def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
-    demo.main(["--quick", "--output-dir", str(tmp_path)] + (["--control", "--ablations"] if control else []))
+def test_the_control_builds_stage_0_in_one_sft_step_on_its_own_data(monkeypatch):
+    """--control's stage 0 (the one thing it changes; the e2e run below takes the main build): one sft.py call from
+    the random init on control.jsonl, training the language model, into instruct/; the main build's two calls go
+    through lm/ with the language model, then the vision side."""
+    calls = []
+    monkeypatch.setattr(demo, "stage", lambda title, script, *args: calls.append([script, *map(str, args)]) or 1.0)
+    for control in (True, False):
+        args = demo.parse_args(["--quick"] + (["--control"] if control else []))
+        assert demo.build_instruct(args, demo.QUICK, "/o/init", "/o") == (1.0 if control else 2.0)
+    one_step, (lm, align) = calls[0], calls[1:]
+    flag = lambda call, name: call[call.index(name) + 1]  # noqa: E731
+    assert one_step[0] == lm[0] == align[0] == "sft.py" and "--train" not in one_step  # the default: language
+    assert [(flag(c, "--model"), flag(c, "--data"), flag(c, "--output-dir")) for c in calls] == [
+        ("/o/init", "/o/data/control.jsonl", "/o/instruct"), ("/o/init", "/o/data/pretrain.jsonl", "/o/lm"),
+        ("/o/lm/model", "/o/data/align.jsonl", "/o/instruct")]
+    assert flag(lm, "--train") == "language" and flag(align, "--train") == "projector,vision"
+
+
+def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path):
+    demo.main(["--quick", "--output-dir", str(tmp_path), "--ablations"])
     with open(tmp_path / "results.json") as fh:
         results = json.load(fh)
-    assert results["control"] is control and results["split"] == "test"
-    ablation = ["ablation: 1. + GRPO on image prompts"] if control else []
+    assert results["control"] is False and results["split"] == "test"
     assert [s["stage"] for s in results["stages"]] == ["0. instruct", "1. + CoT SFT (text)", "2. + GRPO (text)",
-                                                       *ablation]
+                                                       "ablation: 1. + GRPO on image prompts"]
     for row in results["stages"]:
         for form in ("text", "image", "image_text", "word", "reading"):
             cell = row[form]
-            assert cell["n"] == 8 and cell["interval"] == pytest.approx(list(demo.wilson(cell["accuracy"] * 8, 8)))
+            assert cell["n"] == 8 and cell["interval"] == pytest.approx(list(wilson(cell["accuracy"] * 8, 8)))
             if form != "reading":
                 assert 0 <= cell["restated"] <= 1 and 0 <= cell["follows_restatement"] <= 1
                 assert 0 <= cell["follows_swapped_line"] <= 1
@@ -213,12 +224,9 @@ def test_the_demo_runs_every_stage_on_a_short_setting(tmp_path, control):
     assert set(results["transfer"]) == {"text", "image", "image_text", "word", "reading"}
     table = (tmp_path / "results.md").read_text()
     assert "| image (X-modality) |" in table and "| 2. + GRPO (text) |" in table and "Above stage 0's interval" in table
-    stage0 = ["instruct"] if control else ["lm", "instruct"]
-    for path in [f"{name}/model/model.safetensors" for name in stage0 + ["sft", "grpo"]] + [
+    for path in [f"{name}/model/model.safetensors" for name in ("lm", "instruct", "sft", "grpo", "grpo-images")] + [
             "grpo/metrics.jsonl", "eval/grpo/eval_image.jsonl", "eval/instruct/eval_reading.summary.json"]:
         assert (tmp_path / path).exists(), path
-    assert (tmp_path / "lm").exists() is not control
-    assert (tmp_path / "grpo-images" / "model" / "model.safetensors").exists() is control
     data = tmp_path / "data"
     has_image = lambda name: any(isinstance(m["content"], list)  # noqa: E731
                                  for r in load_records(str(data / f"{name}.jsonl")) for m in r.messages)

@@ -64,8 +64,12 @@ def test_two_stage_mains_back_to_back_in_one_process(digit_model, tmp_path):
     assert again[0]["accuracy"] == summary["accuracy"]  # greedy: the same answers from a fresh engine
 
 
-def test_forced_exit_runs_on_the_v1_model_runner_even_when_v2_is_asked_for(qwen2_single, monkeypatch):
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+def test_only_an_engine_with_a_thinking_budget_is_held_to_the_v1_model_runner(qwen2_single, monkeypatch):
+    """The forced-exit processor is a V1 processor; vLLM 0.32 picks Model Runner V2 on CUDA otherwise, and an engine
+    without a budget (GRPO's rollouts at the recipe's flags) keeps that default."""
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    shutdown_llm(make_llm(qwen2_single, max_model_len=256, in_process=True))
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
     llm = make_llm(qwen2_single, max_model_len=256, in_process=True, exit_ids=[5])
     try:
         assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
@@ -105,7 +109,7 @@ def test_gpus_this_torch_cannot_use_stop_the_run_in_one_line(monkeypatch):
     monkeypatch.setattr(engine, "_driver_cuda_version", lambda: (12, 4))
     with pytest.raises(SystemExit, match=r"^error: 8 GPUs visible, but torch .* is built for CUDA 13.0 and this NVIDIA "
                                          r"driver runs CUDA 12.4 at most: install driver >= 580.65, or torch and vLLM "
-                                         r"built for CUDA 12 \(README: GPUs\)$"):
+                                         r"built for CUDA 12 \(docs/install.md\)$"):
         engine.on_gpu()
     monkeypatch.setattr(engine, "_driver_cuda_version", lambda: (13, 0))
     assert engine.on_gpu() is True

@@ -25,6 +25,20 @@ def test_majority_vote_hand_computed():
     assert evaluate.majority_vote(["A", "B: No", "(B)", "No", "A"], [0, 1, 1, 1, 0], opts) == 1
 
 
+def test_wilson_intervals_match_hand_computed_values():
+    assert evaluate.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert evaluate.wilson(200, 400) == pytest.approx((0.4512, 0.5488), abs=1e-4)
+    assert evaluate.wilson(400, 400) == pytest.approx((0.9905, 1.0), abs=1e-4)
+
+
+def test_intervals_are_wilsons_for_right_or_wrong_items_and_normal_for_fractions():
+    assert evaluate.interval([1.0, 0.0, 0.0, 0.0]) == pytest.approx(evaluate.wilson(1, 4))
+    # per-item means 0.2, 0.4, 0.6: mean 0.4, sample sd 0.2, half width 1.96 * 0.2 / sqrt(3) = 0.2263
+    assert evaluate.interval([0.2, 0.4, 0.6]) == pytest.approx((0.1737, 0.6263), abs=1e-4)
+    # 0.9, 1.0, 0.8: mean 0.9, sd 0.1, half width 0.1132, clipped at 1
+    assert evaluate.interval([0.9, 1.0, 0.8]) == pytest.approx((0.7868, 1.0), abs=1e-4)
+
+
 def test_summary_of_fixed_graded_samples():
     items = [  # 3 items x 5 samples
         {"correct": [1, 1, 0, 0, 0], "extracted": ["2", "2", "3", "3", "3"], "forced_exit": [0, 0, 0, 0, 1],
@@ -40,6 +54,8 @@ def test_summary_of_fixed_graded_samples():
     assert s["pass_at_k"] == s["pass_at_5"] == pytest.approx(2 / 3)
     assert s["forced_exit_rate"] == pytest.approx(3 / 15)
     assert s["mean_output_tokens"] == pytest.approx(20)
+    assert s["majority_acc_interval"] == pytest.approx(list(evaluate.wilson(1, 3)))
+    assert s["mean_acc_interval"] == pytest.approx(list(evaluate.interval([0.4, 0.0, 0.8])))
 
 
 def _gsm8k_file(tmp_path, n=6):
@@ -72,9 +88,24 @@ def test_text_benchmark_end_to_end_through_vllm(qwen2_multi, tmp_path, capsys):
     assert on_disk == {k: v for k, v in summary.items() if k != "think_budget"}
     assert on_disk["n"] == 4 and on_disk["forced_exit_rate"] == 1.0 and "accuracy" in on_disk
     assert "forced_exit_rate" in capsys.readouterr().out  # the table
-    # A rerun skips finished items and only adds the new ones.
+    # results.md: our accuracy with its interval and n, beside the paper's numbers for GSM8K and our difference
+    lines = open(f"{out}/results.md").read().splitlines()
+    low, high = (100 * x for x in on_disk["accuracy_interval"])
+    ours = 100 * on_disk["accuracy"]
+    assert lines[0] == f"# {qwen2_multi}"
+    assert "| benchmark | metric | n | ours | Qwen2.5-VL-7B-Instruct | X-Reasoner | X-Reasoner-Med |" in lines
+    assert f"| gsm8k | accuracy | 4 | {ours:.1f} [{low:.1f}, {high:.1f}] | 84.9 ({ours - 84.9:+.1f}) | " \
+        f"88.2 ({ours - 88.2:+.1f}) | – |" in lines
+    # A rerun skips finished items and only adds the new ones; one with another model into the same directory
+    # would mix two models' answers, and is refused before it loads anything.
     evaluate.main(argv[:-6] + ["--limit", "6", "--max-tokens", "24", "--answer-tokens", "8", "--max-model-len", "1024"])
     assert [i["id"] for i in _read_jsonl(f"{out}/gsm8k.jsonl")] == ["0", "1", "2", "3", "4", "5"]
+    with pytest.raises(SystemExit, match=rf"^error: {out}/run.json: this run was started with --max-tokens 24; it "
+                                         r"cannot continue with 32 \(start a new run in another --output-dir\)$"):
+        evaluate.main(argv[:-6] + ["--max-tokens", "32", "--answer-tokens", "8"])
+    with open(f"{out}/run.json") as fh:
+        recorded = json.load(fh)
+    assert recorded["stage"] == "evaluate" and recorded["changed"] == {"limit": [4, 6]}
 
 
 def test_budgets_write_a_table_and_a_plot(qwen2_single, tmp_path):

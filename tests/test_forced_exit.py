@@ -62,6 +62,22 @@ def _tokenizer(model):
     return AutoTokenizer.from_pretrained(model)
 
 
+def test_a_close_written_in_other_tokens_than_encode_gives_is_a_close(qwen2_multi):
+    """A BPE with a token for ">\\n" (Qwen's has one) writes "</think>\\n" as "</", "think", ">\\n": the ids of
+    encode("</think>") never appear, and a rule on ids alone would force the exit into the answer."""
+    tok = _tokenizer(qwen2_multi)
+    exit_ids = exit_token_ids(tok)
+    output = tok.encode("<think>\nI will pick one.\n</think>\n<answer>7</answer>", add_special_tokens=False)
+    assert not any(output[i:i + len(exit_ids)] == exit_ids for i in range(len(output)))
+    budget = len(output) - 3  # the answer is still being written at the budget
+    assert forced_token(output[:budget], budget, exit_ids) == exit_ids[0]  # ids alone: forced into the answer
+    assert forced_token(output[:budget], budget, exit_ids, decode=tok.decode) is None
+    assert count_forced(output, budget, exit_ids, decode=tok.decode) == []
+    assert ExitTracker(budget, exit_ids, output_ids=output[:budget], decode=tok.decode).next_forced() is None
+    unclosed = tok.encode("<think>\nI will pick one and another and another", add_special_tokens=False)
+    assert forced_token(unclosed[:8], 8, exit_ids, decode=tok.decode) == exit_ids[0]
+
+
 def test_vllm_processor_forces_at_the_budget_with_moves_and_replacements(qwen2_any, vllm_engine):
     """More requests than max_num_seqs, mixed with and without budgets, both tokenizer variants."""
     from vllm import SamplingParams
@@ -82,13 +98,12 @@ def test_vllm_processor_forces_at_the_budget_with_moves_and_replacements(qwen2_a
     outs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
     k = len(exit_ids)
     for out, ref, budget in zip(outs, reference, budgets):
-        if budget is None:
-            assert out == ref  # untouched
-            continue
-        first = next(i for i in range(len(out)) if out[i:i + k] == exit_ids)
-        closed_early = any(ref[i:i + k] == exit_ids for i in range(budget - k + 1))
-        assert first == budget or (closed_early and first < budget)
         assert out[:budget] == ref[:budget]  # nothing changes before the budget
+        if budget is None or tok.decode(exit_ids) in tok.decode(ref[:budget]):
+            assert out == ref  # untouched: no budget, or the thinking closed before it
+            continue
+        assert out[budget:budget + k] == exit_ids or out[budget - 1:budget - 1 + k] == exit_ids or \
+            out[budget - 2:budget - 2 + k] == exit_ids  # forced at the budget (continuing an exit begun before it)
 
 
 def test_vllm_processor_leaves_requests_closed_before_the_budget_alone(qwen2_single, vllm_engine):
@@ -118,7 +133,7 @@ def test_hf_twin_gives_the_same_greedy_tokens_as_vllm(qwen2_any, vllm_engine):
         params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
                                 extra_args={"think_budget": budget, "think_exit_ids": exit_ids})
         ref = list(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids)
-        processor = ForcedExitHFProcessor(len(prompt), budget, exit_ids)
+        processor = ForcedExitHFProcessor(len(prompt), budget, exit_ids, decode=tok.decode)
         out = model.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
                              logits_processor=[processor])[0, len(prompt):].tolist()
         assert out == ref

@@ -22,6 +22,11 @@ def test_the_tiny_check_runs_every_stage_and_prints_its_table(tmp_path):
     assert "greedy match 1.00, log-prob gap 0.0000" in rows["grpo 2 wake + sync"]  # fp32 on CPU: exact
     assert "forced exit at 16: 8/8 closed" in rows["evaluate (text + image)"]
     assert result.stdout.strip().endswith("gpu-check: every stage ran and every check passed")
+    # each stage read the model the one before exported; each model went once the next stage was done with it
+    assert "wrote the random-init weights" in result.stdout and "and no checkpoint" in result.stdout
+    assert not any((tmp_path / stage / "model").exists() for stage in ("model", "sft", "grpo"))
+    assert not any((tmp_path / stage / "checkpoints").exists() for stage in ("sft", "grpo"))
+    assert (tmp_path / "grpo" / "rollouts" / "step_00000002.jsonl").exists()
 
 
 def test_without_gpus_the_check_says_so_and_fails(tmp_path):

@@ -111,17 +111,23 @@ def test_data_format_flag_overrides_detection(tmp_path):
         load_records(path, data_format="nope")
 
 
-def test_hub_ids_go_through_datasets_load_dataset(monkeypatch):
-    import data.loaders as loaders
+def test_hub_ids_go_through_datasets_load_dataset_and_an_unreachable_hub_is_one_line(monkeypatch):
+    import datasets
     calls = []
 
-    def fake(hub_id, config, split):
+    def load_dataset(hub_id, config, split):
         calls.append((hub_id, config, split))
+        if hub_id == "org/unreachable":
+            raise ConnectionError("Couldn't reach 'org/unreachable' on the Hub (LocalEntryNotFoundError)")
         return [{"question": "Q", "answer": "#### 4"}]
-    monkeypatch.setattr(loaders, "_hub_rows", fake)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     assert load_records("gsm8k")[0].answer == "4"
     load_records("medqa", split="test", data_format="gsm8k")
     assert calls == [("openai/gsm8k", "main", "test"), ("GBaker/MedQA-USMLE-4-options", None, "test")]
+    with pytest.raises(DataError, match=r"^cannot load org/unreachable from the hub \(ConnectionError: Couldn't reach "
+                                        r"'org/unreachable' on the Hub \(LocalEntryNotFoundError\)\); give --data a "
+                                        r"local file in its fields instead \(JSON, JSONL or Parquet\)$"):
+        load_records("org/unreachable", data_format="gsm8k")
 
 
 @pytest.mark.parametrize("rows, message", [

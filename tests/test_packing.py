@@ -25,7 +25,7 @@ def test_padded_micro_batches_sort_by_length_and_split_where_padding_costs_more_
 
 
 def test_the_layout_follows_the_attention_kernel():
-    assert layout_for("flash_attention_2") == "packed" and layout_for("flash_attention_3") == "packed"
+    assert layout_for("varlen") == "packed" and layout_for("flash_attention_2") == "packed"
     assert layout_for("sdpa") == "padded" and layout_for("eager") == "padded"
 
 
@@ -46,6 +46,68 @@ def test_pack_concatenates_with_restarting_positions_and_maps_targets():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
     assert batch["positions"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["target_index"].tolist() == [1, 0, 3] and batch["target_ids"].tolist() == [3, 2, 5]
+    # the sequence boundaries, computed once here for every layer's varlen attention
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5] and batch["cu_seq_lens"].dtype == torch.int32
+    assert batch["max_length"] == 3 and isinstance(batch["max_length"], int)
+    assert "cu_seq_lens" not in pack([[1, 2, 3], [4, 5]], [[], []], layout="padded")
+
+
+def _sdpa_per_sequence(calls):
+    """A stand-in for the varlen kernel on CPU (torch's and flash-attn's run on CUDA only): causal SDPA on each
+    sequence of the row alone, recording the boundaries it was given."""
+    def kernel(q, k, v, cu_seq_lens, max_length, scale):
+        calls.append((cu_seq_lens, max_length))
+        out = [F.scaled_dot_product_attention(*(t[start:end].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                              scale=scale, enable_gqa=True).transpose(0, 1)
+               for start, end in zip(cu_seq_lens.tolist(), cu_seq_lens.tolist()[1:])]
+        return torch.cat(out)
+    return kernel
+
+
+def test_varlen_attention_on_a_packed_row_gives_the_padded_layouts_loss_and_gradients(qwen2_5_vl, tmp_path,
+                                                                                     monkeypatch):
+    """The packed path's plumbing on a VLM (images and text in one row): the language model's attention registered
+    as "varlen" gets the boundaries pack() computed, the same tensor in every layer, and attends per sequence; the
+    vision tower keeps SDPA. Loss and gradients equal those of the padded layout under SDPA."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    import packing
+    import sft
+    from tests.conftest import sum_records_file
+    from training import load_model
+    tokenizer, processor = AutoTokenizer.from_pretrained(qwen2_5_vl), AutoImageProcessor.from_pretrained(qwen2_5_vl)
+    examples, _ = sft.tokenize(sum_records_file(tmp_path), tokenizer, sft.parse_args(
+        ["--model", qwen2_5_vl, "--data", "d", "--output-dir", "o", "--no-cot"]), processor)
+    train = frozenset({"language", "projector", "vision"})
+    varlen = load_model(qwen2_5_vl, train=train, images_in_batches=True, attn_implementation="varlen")
+    padded = load_model(qwen2_5_vl, train=train, images_in_batches=True, attn_implementation="sdpa")
+    assert (varlen.config.text_config._attn_implementation, varlen.config.vision_config._attn_implementation) == \
+        ("varlen", "sdpa")
+    calls = []
+    monkeypatch.setattr(packing, "varlen_kernel", _sdpa_per_sequence(calls))
+    batch = sft.collate(examples, "packed", varlen, processor)
+    together = sft.summed_token_loss(varlen, batch, "cpu")
+    reference = sft.summed_token_loss(padded, sft.collate(examples, "padded", padded, processor), "cpu")
+    assert together.item() == pytest.approx(reference.item(), rel=1e-5)
+    layers = varlen.config.text_config.num_hidden_layers
+    lengths = [len(e.ids) for e in examples]
+    assert len(calls) == layers and all(cu is calls[0][0] for cu, _ in calls)  # computed once, read by every layer
+    assert calls[0][0].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert all(n == max(lengths) for _, n in calls)
+    together.backward()
+    reference.backward()
+    grads = dict(padded.named_parameters())
+    for name, param in varlen.named_parameters():
+        assert torch.allclose(param.grad, grads[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_varlen_attention_refuses_a_row_without_boundaries():
+    from packing import varlen_attention
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="attention 'varlen' takes one packed row with its sequence boundaries"):
+        varlen_attention(module, q, q, q, None)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])

@@ -2,8 +2,8 @@
 letters as option texts, nested option lists, image options, answer-format hints, list golds, options
 already in the question, five-option MedQA, image roots, damaged golds. Rows are written here."""
 import json
-import os
 import re
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,9 +21,12 @@ MMMU_PRO_OPTIONS = dict(zip("ABCDE", ["B", "D", "E", "A", "C"]))
 
 
 @pytest.mark.parametrize("options", [MEDXPERT_OPTIONS, MMMU_PRO_OPTIONS])
-@pytest.mark.parametrize("prediction", ["B", "(B)", "B.", "B: C", "\\boxed{B}", "Option B"])
+@pytest.mark.parametrize("prediction", ["B", "(B)", "B.", "B: TEXT", "\\boxed{B}", "Option B", "(B) TEXT"])
 def test_a_label_wins_over_an_option_text_that_is_a_letter(options, prediction):
-    assert grade(A(prediction), "B", options) == 1.0
+    assert grade(A(prediction.replace("TEXT", options["B"])), "B", options) == 1.0  # the label with its own text
+    if "TEXT" in prediction:  # the label with another option's text: they disagree, whatever the separator
+        other = next(text for letter, text in options.items() if letter != "B" and text != "B")
+        assert grade(A(prediction.replace("TEXT", other)), "B", options) == 0.0
 
 
 @pytest.mark.parametrize("options", [MEDXPERT_OPTIONS, MMMU_PRO_OPTIONS])
@@ -247,18 +250,28 @@ def _mathvista_row(pid, image, **fields):
     return {**row, **fields}
 
 
-def test_mathvistas_testmini_json_loads_as_published(tmp_path):
-    """testmini.json is one JSON object keyed by pid, images as paths under images/."""
+def test_mathvistas_official_testmini_json_loads_with_the_query_json_beside_it(tmp_path):
+    """The official repository's data/testmini.json: one JSON object keyed by pid, images as paths under images/,
+    and no `query`, which data/query.json holds (pid -> query)."""
     (tmp_path / "images").mkdir()
-    rows = {}
+    rows, queries = {}, {}
     for pid in ("1", "2", "3"):
         _image(tmp_path / "images" / f"{pid}.jpg", (3, 3, 3))
-        rows[pid] = _mathvista_row(pid, f"images/{pid}.jpg")
+        row = _mathvista_row(pid, f"images/{pid}.jpg", precision=1, metadata={
+            "split": "testmini", "language": "english", "img_width": 32, "img_height": 32, "source": "FigureQA"})
+        queries[pid] = row.pop("query")
+        row.pop("pid_source")
+        rows[pid] = row
     path = tmp_path / "testmini.json"
     path.write_text(json.dumps(rows, indent=4))
+    with pytest.raises(Exception, match=r"testmini.json: row 0: no `query` .*data/query.json, read from beside "
+                                        r"testmini.json"):
+        load_benchmark("mathvista", str(path))  # the pair is not complete yet
+    (tmp_path / "query.json").write_text(json.dumps(queries, indent=4))
     records = load_benchmark("mathvista", str(path))
     assert [r.id for r in records] == ["1", "2", "3"] and all(r.meta == {"precision": 1} for r in records)
     assert records[0].messages[0]["content"][1]["image"].size == (32, 32)
+    assert records[0].messages[0]["content"][-1]["text"] == queries["1"]
 
 
 def test_rows_that_would_become_silent_text_only_prompts_are_errors(tmp_path):
@@ -314,39 +327,208 @@ def test_the_skipped_count_stands_beside_the_accuracy():
     assert "skipped" not in evaluate.format_table([{"benchmark": "gsm8k", "n": 5, "skipped_rows": 0, "accuracy": 0.2}])
 
 
-def _run_evaluate(*args):
-    import subprocess
-    import sys
-    return subprocess.run([sys.executable, "evaluate.py", *args], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def _one_line(main, argv) -> str:
+    """The error a stage's entry point (data.records.run_script) ends in for argv: one line, no traceback."""
+    from data.records import run_script
+    with pytest.raises(SystemExit) as stopped:
+        run_script(lambda: main(argv))
+    message = str(stopped.value.code)
+    assert "\n" not in message
+    return message
 
 
-def test_bad_input_ends_in_one_line(qwen2_single, tmp_path):
+def test_bad_input_ends_in_one_line(qwen2_single, tmp_path, monkeypatch):
+    import datasets
+
+    import distill
+    import grpo
+    import sft
     # every row skipped: an error naming the benchmark, the count and the first reason, never "accuracy 0.0"
     image = _image(tmp_path / "x.png", (1, 1, 1))
     rows = [{"id": f"n{i}", "question": "What is shown?", "options": {"A": "rash", "B": "fracture"}, "answer": "A",
              "image": image} for i in range(3)]
     nejm = _write(tmp_path / "nejm.jsonl", rows)
-    wrong_root = _run_evaluate("--model", qwen2_single, "--benchmarks", f"nejm={nejm}", "--skip-bad-rows",
-                               "--image-root", str(tmp_path / "elsewhere"), "--output-dir", str(tmp_path / "o"))
+    out = ["--output-dir", str(tmp_path / "o")]
+    wrong_root = _one_line(evaluate.main, ["--model", qwen2_single, "--benchmarks", f"nejm={nejm}", "--skip-bad-rows",
+                                           "--image-root", str(tmp_path / "elsewhere"), *out])
     # a records file naming a missing image
     record = {"id": "r1", "messages": [{"role": "user", "content": [{"type": "image", "image": "gone.png"},
                                                                    {"type": "text", "text": "What is shown?"}]}],
               "answer": "A", "kind": "choice", "options": {"A": "rash", "B": "fracture"}}
     records = _write(tmp_path / "mine.jsonl", [record])
-    missing_image = _run_evaluate("--model", qwen2_single, "--benchmarks", f"records={records}",
-                                  "--output-dir", str(tmp_path / "o"))
+    missing_image = _one_line(evaluate.main, ["--model", qwen2_single, "--benchmarks", f"records={records}", *out])
     # a context longer than the model's own (the tiny model: 4,096 positions)
     gsm8k = _write(tmp_path / "gsm8k.jsonl", [{"question": "1+1?", "answer": "so\n#### 2"}])
-    too_long = _run_evaluate("--model", qwen2_single, "--benchmarks", f"gsm8k={gsm8k}", "--max-model-len", "100000",
-                             "--output-dir", str(tmp_path / "o"))
-    for result, message in [
+    too_long = _one_line(evaluate.main, ["--model", qwen2_single, "--benchmarks", f"gsm8k={gsm8k}", "--max-model-len",
+                                         "100000", *out])
+    # a benchmark from the hub without network (datasets raises as it does offline)
+    def offline(hub_id, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{hub_id}' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    no_network = _one_line(evaluate.main, ["--model", qwen2_single, "--benchmarks", "gsm8k", *out])
+    for message, expected in [
             (wrong_root, rf"^error: nejm: all 3 rows were skipped as unreadable; the first: .*nejm.jsonl: row 0: image "
                          rf"not found: {tmp_path / 'elsewhere' / 'x.png'}"),
             (missing_image, rf"^error: .*mine.jsonl: record r1: image not found: {tmp_path / 'gone.png'}$"),
             (too_long, r"^error: --max-model-len: 100000 tokens is above .*qwen2-single's maximum context length "
-                       r"\(max_position_embeddings=4096\)$")]:
-        assert result.returncode == 1
-        last = result.stderr.strip().splitlines()[-1]
-        assert re.match(message, last), result.stderr[-2000:]
-        assert "Traceback" not in result.stderr
+                       r"\(max_position_embeddings=4096\)$"),
+            (no_network, r"^error: cannot load openai/gsm8k from the hub \(ConnectionError: Couldn't reach "
+                         r"'openai/gsm8k' on the Hub \(LocalEntryNotFoundError\)\); give a local copy as gsm8k=PATH "
+                         r"\(JSON, JSONL or Parquet in the hub's fields\)$")]:
+        assert re.match(expected, message), message
+    # a model that is neither a directory nor on the hub, in every stage, before anything loads
+    data = ["--data", gsm8k, *out]
+    for main, argv in [(sft.main, ["--model", "/nonexistent", *data]), (grpo.main, ["--model", "/nonexistent", *data]),
+                       (evaluate.main, ["--model", "/nonexistent", "--benchmarks", f"gsm8k={gsm8k}", *out]),
+                       (distill.main, ["--teacher", "/nonexistent", "--data", gsm8k, "--output", str(tmp_path / "d")])]:
+        flag = "--teacher" if main is distill.main else "--model"
+        assert re.match(rf"^error: {flag} /nonexistent: no such directory, and the hub does not provide it \(.+\); "
+                        r"give a model directory, or a hub id \(org/name\) with network access$",
+                        _one_line(main, argv)), main
+    assert re.match(rf"^error: --model {tmp_path}: the directory holds no config.json",
+                    _one_line(sft.main, ["--model", str(tmp_path), *data]))
+
+
+# --- grading, third pass: answer forms real models write (issue: grading, third pass) ------------------------
+
+MATHVISTA_PID_5 = {"A": "97", "B": "102", "C": "107", "D": "122"}  # "Find $m\\angle H$", gold 97
+
+
+@pytest.mark.parametrize("prediction, expected", [
+    ("A. $\\Delta, \\square, \\bullet$", 1), ("A: $\\Delta, \\square, \\bullet$", 1),
+    ("(A) \\Delta, \\square, \\bullet", 1), ("$\\Delta, \\square, \\bullet$", 1), ("A", 1),
+    ("B. $\\Delta, \\square, \\bullet$", 0), ("A. $\\square, \\Delta, \\bullet$", 0),
+])
+def test_a_label_then_an_option_text_in_math_mode_is_read(prediction, expected):
+    options = {"A": "$\\Delta, \\square, \\bullet$", "B": "$\\square, \\Delta, \\bullet$",
+               "C": "$\\bullet, \\Delta, \\square$", "D": "$\\Delta, \\bullet, \\square$"}
+    assert grade(A(prediction), "A", options) == expected
+
+
+@pytest.mark.parametrize("separator", ["{} ", "{}. ", "({}) ", "{}) ", "{}: ", "{} - ", "Option {} ", "**{}** "])
+def test_a_label_and_its_text_must_agree_whatever_the_separator(separator):
+    """The rule: a label followed by the text (or the value) of another option is wrong; with its own, right."""
+    label = separator.format
+    assert grade(A(label("A") + "97"), "A", MATHVISTA_PID_5) == 1.0
+    assert grade(A(label("A") + "102"), "A", MATHVISTA_PID_5) == 0.0  # A with B's value
+    assert grade(A(label("B") + "97"), "A", MATHVISTA_PID_5) == 0.0  # the value is the gold's, the label is not
+    assert grade(A(label("B") + "102"), "B", MATHVISTA_PID_5) == 1.0
+    assert grade(A(label("A") + "\\boxed{97}"), "A", MATHVISTA_PID_5) == 1.0
+    assert grade(A(label("A") + "97.0"), "A", MATHVISTA_PID_5) == 1.0  # by value: math-verify's 97.0 = 97
+    assert grade(A(label("A") + "102.0"), "A", MATHVISTA_PID_5) == 0.0
+
+
+def test_a_value_or_prose_after_a_label_is_not_taken_for_another_option():
+    options = {"A": "1", "B": "2", "C": "3", "D": "4"}
+    assert grade_many([A("C. 1 and 2 together"), A("2"), A("B. 2"), A("C. 2")], ["B"] * 4, [options] * 4) == \
+        [0, 1, 1, 0]
+
+
+@pytest.mark.parametrize("prediction", ["(A) or (C)", "(C) or (A)", "Option A or Option C", "Option C or Option A",
+                                        "A: 97; or possibly C: 107", "C: 107; or possibly A: 97", "A) 97, C) 107",
+                                        "(A), not (C)"])
+def test_an_answer_naming_two_options_is_wrong_whichever_comes_first(prediction):
+    assert grade(A(prediction), "A", MATHVISTA_PID_5) == 0.0
+    assert grade(A(prediction), "C", MATHVISTA_PID_5) == 0.0
+
+
+def test_an_options_text_that_names_labels_is_not_a_hedge():
+    options = {"A": "Only (B)", "B": "Both (A) and (C)", "C": "Neither", "D": "All of the above"}
+    assert grade_many([A("B. Both (A) and (C)"), A("Both (A) and (C)"), A("(B) Both (A) and (C)")], ["B"] * 3,
+                      [options] * 3) == [1, 1, 1]
+
+
+ASPIRIN = {"A": "Aspirin", "B": "Clopidogrel", "C": "Warfarin", "D": "Heparin"}
+
+
+@pytest.mark.parametrize("prediction, gold, expected", [
+    ("**A**", "A", 1), ("(a)", "A", 1), ("Option a", "A", 1), ("Answer: A", "A", 1), ("The answer is A", "A", 1),
+    ("The correct option is (A).", "A", 1), ("A - Aspirin", "A", 1), ("Final answer: **A**", "A", 1),
+    ("A \u2013 Aspirin", "A", 1), ("**A.** Aspirin", "A", 1),
+    ("**B**", "A", 0), ("(b)", "A", 0), ("Answer: B", "A", 0), ("The correct option is (B).", "A", 0),
+    ("A - Warfarin", "A", 0), ("B - Aspirin", "A", 0), ("Answer: Warfarin", "A", 0),
+])
+def test_the_wrappers_models_put_around_a_label(prediction, gold, expected):
+    assert grade(A(prediction), gold, ASPIRIN) == expected
+
+
+def test_an_exact_option_text_beats_a_shared_prefix():
+    antibiotics = {"A": "Amoxicillin", "B": "Amoxicillin-clavulanic acid", "C": "Azithromycin", "D": "Doxycycline"}
+    assert grade_many([A("B. Amoxicillin"), A("B. Amoxicillin-clavulanic acid"), A("A. Amoxicillin"),
+                       A("B. Amoxicillin-clavulanic"), A("Amoxicillin")], ["B", "B", "A", "B", "A"],
+                      [antibiotics] * 5) == [0, 1, 1, 1, 1]
+    coagulation = {"A": "Increased PTT", "B": "Increased bleeding time", "C": "Decreased platelets", "D": "Increased PT"}
+    assert grade_many([A("A. Increased PT"), A("A. Increased PT"), A("D. Increased PT"), A("A. Increased PTT")],
+                      ["A", "D", "D", "A"], [coagulation] * 4) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("prediction, gold, expected", [
+    ("x = 58,500", "58,500", 1), ("58\\,500", "58500", 1), ("58{,}500", "58,500", 1), ("-50\\%", "-50", 1),
+    ("50\\%", "50", 1), ("-50\\%", "-0.5", 1), ("\\text{084}", "084", 1), ("\\boxed{\\text{084}}", "084", 1),
+    ("x = 58,501", "58,500", 0), ("58\\,500", "58,050", 0), ("-50\\%", "50", 0), ("50\\%", "-50", 0),
+    ("\\text{085}", "084", 0), ("(3,400)", "(3, 400)", 1), ("1,000,000", "10^6", 1),
+])
+def test_number_forms(prediction, gold, expected):
+    assert grade(A(prediction), gold) == expected
+
+
+def test_the_time_limit_bounds_an_item_not_each_option_it_is_compared_with():
+    """An adversarial value against a row of twelve math-looking options: twelve comparisons, one limit in all."""
+    from data.grading import GradingPool
+    options = {letter: f"${n}^{{{n}}}$" for letter, n in zip("ABCDEFGHIJKL", range(2, 14))}
+    pool = GradingPool(workers=2, timeout=1.0)
+    try:
+        pool.grade([("1", "1")] * 2)  # the workers have started
+        start = time.monotonic()
+        scores = pool.grade([("10^{10^{10^{10}}}", form) for form in options.values()] + [("2", "2")],
+                            items=[0] * 12 + [1])
+        elapsed = time.monotonic() - start
+    finally:
+        pool.close()
+    assert scores == [0.0] * 12 + [1.0]
+    assert elapsed < 2 * 1.0 + 1.5  # one limit for the adversarial item (twelve limits over two workers: six)
+
+
+def test_image_choice_items_get_the_choice_prompt_with_their_options(tmp_path):
+    from data.prompts import CHOICE_TEMPLATE
+    rows = [{"id": "n1", "question": "What is shown?", "options": {"A": "rash", "B": "fracture"}, "answer": "B",
+             "image": _image(tmp_path / "x.png", (1, 1, 1))}]
+    (record,) = load_benchmark("nejm", _write(tmp_path / "nejm.jsonl", rows))
+    parts = record.messages[0]["content"]
+    assert parts[0]["text"] == CHOICE_TEMPLATE.format(question="") and "Options:\n\nA: rash\nB: fracture" in parts[-1]["text"]
+
+
+def test_mathvision_options_that_are_pictures_are_said_to_be_in_the_image(tmp_path):
+    from data.benchmarks import OPTION_IN_IMAGE
+    image = _image(tmp_path / "m.png", (4, 4, 4))
+    rows = [{"id": "1", "question": "Which figure comes next? <image1>", "options": ["<image2>", "<image3>", "<image4>",
+                                                                                 "<image5>", "<image6>"],
+             "answer": "C", "image": image, "solution": None, "level": 2, "subject": "logic"},
+            {"id": "2", "question": "How many? <image1>", "options": ["1", "2", "3", "4", "5"], "answer": "B",
+             "image": image, "solution": None, "level": 1, "subject": "counting"}]
+    drawn, plain = load_benchmark("mathvision", _write(tmp_path / "mv.jsonl", rows))
+    assert set(drawn.options.values()) == {OPTION_IN_IMAGE} and drawn.meta == {"options_in_image": True}
+    assert plain.options["B"] == "2" and plain.meta == {}
+    assert grade(A("C"), drawn.answer, drawn.options) == 1.0 and grade(A("(C)"), "C", drawn.options) == 1.0
+
+
+def test_gpqa_is_a_benchmark_of_the_open_reasoner_zero_file(tmp_path):
+    rows = [{"prompt": [{"from": "user", "value": "Which particle is heavier?"}], "final_answer": "B",
+             "choices": {"A": "electron", "B": "proton", "C": "photon", "D": "neutrino"}}]
+    (record,) = load_benchmark("gpqa", _write(tmp_path / "gpqa_diamond.json", rows))
+    assert record.kind == "choice" and record.answer == "B" and grade(A("B. proton"), "B", record.options) == 1.0
+    with pytest.raises(Exception, match="gpqa: no hub copy; give a local file as gpqa=PATH"):
+        load_benchmark("gpqa")
+
+
+def test_medxpertqa_from_its_evaluation_input_file(tmp_path):
+    """eval/data/medxpertqa/input/medxpertqa_mm_input.jsonl in the MedXpertQA repository."""
+    (tmp_path / "images").mkdir()
+    name = _image(tmp_path / "images" / "MM-0-a.jpeg", (9, 9, 9))
+    row = {"id": "MM-0", "question": "Which step adds most stability?\nAnswer Choices: (A) LCL repair (B) Plication",
+           "options": [{"letter": "A", "content": "LCL repair"}, {"letter": "B", "content": "Plication"}],
+           "label": ["A"], "images": [{"image_path": name}], "medical_task": "Treatment"}
+    (record,) = load_benchmark("medxpertqa_mm", _write(tmp_path / "medxpertqa_mm_input.jsonl", [row]),
+                               image_root=str(tmp_path / "images"))
+    assert record.answer == "A" and record.options == {"A": "LCL repair", "B": "Plication"}
+    assert record.messages[0]["content"][1]["image"].getpixel((0, 0)) == (9, 9, 9)

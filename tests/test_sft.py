@@ -44,10 +44,12 @@ def test_loss_is_the_same_however_the_batch_is_split(qwen2_single, tmp_path, lay
     data = write_data(tmp_path / "d.jsonl", 16)
     common = ["--global-batch-size", "4", "--max-steps", "4", "--layout", layout]
     fast = ["--no-activation-checkpointing"]
-    one = run_sft(qwen2_single, data, tmp_path / "one", *common, *fast, "--max-tokens-per-micro-batch", "4096")
+    held_out = ["--eval-data", data, "--eval-every", "2"]
+    one = run_sft(qwen2_single, data, tmp_path / "one", *common, *fast, *held_out, "--max-tokens-per-micro-batch", "4096")
     assert f"attention sdpa, layout {layout}, activation checkpointing off" in one.stdout
     run_sft(qwen2_single, data, tmp_path / "accum", *common, *fast, "--max-tokens-per-micro-batch", "200")
-    run_sft(qwen2_single, data, tmp_path / "ranks", *common, *fast, "--max-tokens-per-micro-batch", "300", nproc=2)
+    run_sft(qwen2_single, data, tmp_path / "ranks", *common, *fast, *held_out, "--max-tokens-per-micro-batch", "300",
+            nproc=2)
     assert _micro_batch_counts_differ_between_ranks(qwen2_single, data, 4, 300, layout, steps=4)
     recompute = run_sft(qwen2_single, data, tmp_path / "recompute", *common, "--activation-checkpointing",
                         "--max-tokens-per-micro-batch", "4096")
@@ -58,6 +60,16 @@ def test_loss_is_the_same_however_the_batch_is_split(qwen2_single, tmp_path, lay
         assert losses(tmp_path / run) == pytest.approx(reference, abs=1e-5), run
     with open(tmp_path / "one" / "metrics.jsonl") as fh:
         rows = [json.loads(line) for line in fh]
+    # the held-out loss every 2 steps, the same whether one process or two share the held-out examples
+    with open(tmp_path / "ranks" / "metrics.jsonl") as fh:
+        two = [json.loads(line).get("eval_loss") for line in fh]
+    assert [r.get("eval_loss") is not None for r in rows] == [False, True, False, True]
+    assert two == pytest.approx([r.get("eval_loss") for r in rows], abs=1e-5)
+    # under a pipe (a cluster job's log), one plain line per step instead of a progress bar
+    lines = [line for line in one.stdout.splitlines() if line.startswith("sft step ")]
+    assert [line.split(" | ")[:2] for line in lines] == [[f"sft step {i + 1}/4", f"loss {reference[i]:.4f}"]
+                                                          for i in range(4)]
+    assert "held-out loss" in lines[1] and "tokens/s" in lines[0] and "\r" not in one.stdout
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "padding_fraction", "peak_memory_gib"} <= set(rows[0])
     assert rows[0]["peak_memory_gib"] > 0.1
     # one packed row holds no padding; padded rows pad each sequence to the longest in its micro-batch
@@ -102,8 +114,18 @@ def test_resume_gives_identical_parameters(qwen2_single, tmp_path, n_examples, l
               "--layout", layout]
     run_sft(qwen2_single, data, tmp_path / "full", *common, "--max-steps", "6")
     run_sft(qwen2_single, data, tmp_path / "split", *common, "--max-steps", "3")
+    if layout == "padded":  # a resume that changes what the checkpoint means stops in one line, before it loads
+        refused = run_script("sft.py", "--model", qwen2_single, "--data", data, "--output-dir", tmp_path / "split",
+                             "--max-length", 256, "--save-every", 0, *common, "--seed", 1, "--resume", check=False)
+        assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
+            f"error: {tmp_path / 'split' / 'run.json'}: this run was started with --seed 0; it cannot continue with "
+            "1 (start a new run in another --output-dir)")
     resumed = run_sft(qwen2_single, data, tmp_path / "split", *common, "--max-steps", "6", "--resume")
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    with open(tmp_path / "split" / "run.json") as fh:
+        recorded = json.load(fh)
+    assert recorded["changed"] == {"max_steps": [3, 6], "resume": [False, True]} and len(recorded["earlier"]) == 1
+    assert recorded["earlier"][0]["args"]["max_steps"] == 3 and recorded["args"]["max_steps"] == 6
     full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
     assert all(torch.equal(full[k], split[k]) for k in full)
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
@@ -124,6 +146,26 @@ def test_a_batch_with_no_target_tokens_gives_no_nan(qwen2_single, tmp_path):
         row = json.loads(fh.readline())
     assert row["target_tokens"] == 0 and row["loss"] == 0.0
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "o").values())
+
+
+def test_the_held_out_loss_is_the_training_objective_on_the_held_out_examples(qwen2_single, tmp_path):
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from training import load_model
+    records = [Record.from_json(json.loads(line)) for line in open(write_data(tmp_path / "d.jsonl", 5))]
+    args = sft.parse_args(["--model", "m", "--data", "d", "--output-dir", "o", "--max-tokens-per-micro-batch", "200"])
+    examples, _ = sft.tokenize(records, AutoTokenizer.from_pretrained(qwen2_single), args)
+    model = load_model(qwen2_single)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
+    try:
+        held_out = sft.held_out_loss(model, examples, args, "padded", "cpu")
+    finally:
+        dist.destroy_process_group()
+    with torch.no_grad():
+        summed = sum(sft.summed_token_loss(model, sft.collate([e]), "cpu").item() for e in examples)
+    targets = sum(label != sft.IGNORE for e in examples for label in e.labels)
+    assert held_out == pytest.approx(summed / targets, rel=1e-6) and model.training
 
 
 def test_loss_depends_on_assistant_targets_only(qwen2_single):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import evaluate
 from engine import hf_inputs, images_of, load_hf_model, make_llm, shutdown_llm
-from tests.conftest import ROOT, run_script
+from tests.conftest import run_script, sum_records_file
 from tests.test_grpo import metrics, write_prompts
 
 PIXELS = ["--max-pixels", str(112 * 112), "--min-pixels", str(56 * 56)]
@@ -75,7 +75,7 @@ def test_vllm_runs_the_vlm_on_images_as_transformers_does_also_after_a_weight_sy
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from data.benchmarks import load_benchmark
-    from grpo import sync_weights
+    from engine import sync_weights
     records = load_benchmark("nejm", _image_items(tmp_path))
     tokenizer, processor = AutoTokenizer.from_pretrained(digit_vlm), AutoImageProcessor.from_pretrained(digit_vlm)
     model = load_hf_model(digit_vlm).eval()
@@ -112,28 +112,28 @@ def test_image_benchmark_through_vllm_equals_transformers(digit_vlm, tmp_path):
     assert all(len(i["text_only_correct"]) == 2 for i in v) and "n_text_solvable" in through_vllm
 
 
-def test_grpo_with_a_vlm_policy_keeps_vllm_in_sync(qwen2_5_vl, tmp_path):
-    data = write_prompts(tmp_path / "p.jsonl", 16)
-    run_script("grpo.py", "--model", qwen2_5_vl, "--data", data, "--output-dir", tmp_path / "o",
-               "--global-batch-size", 4, "--group-size", 4, "--mini-batches", 2, "--max-tokens-per-micro-batch", 128,
-               "--max-response-length", 12, "--max-steps", 3, "--lr", 1e-3, "--sync-check", "--save-every", 0,
-               "--no-activation-checkpointing", nproc=2)
-    rows = metrics(tmp_path / "o")
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["sync_greedy_match"] == 1.0 for r in rows)
-    assert all(r["vllm_logprob_gap"] < 1e-3 for r in rows)
-    assert rows[-1]["kl"] > 0
-
-
-def test_grpo_with_a_vlm_policy_learns(digit_vlm, tmp_path):
+def test_grpo_with_a_vlm_policy_learns_and_scores_held_out_prompts_as_evaluate_does(digit_vlm, tmp_path):
+    """The recipe's path: a VLM policy on text prompts. The held-out score at the last step comes from the colocated
+    engine right after the sync; evaluate.py on the exported model gives the same answers, so the same accuracy."""
     data = write_prompts(tmp_path / "p.jsonl", 256)
+    held_out = write_prompts(tmp_path / "held_out.jsonl", 12)
     run_script("grpo.py", "--model", digit_vlm, "--data", data, "--output-dir", tmp_path / "o", "--global-batch-size", 8,
                "--group-size", 8, "--mini-batches", 2, "--max-tokens-per-micro-batch", 1024, "--max-response-length",
                24, "--warmup-ratio", 0, "--save-every", 0, "--no-activation-checkpointing", "--max-steps", 40,
-               "--lr", 5e-4, "--kl-coef", 0)
-    rewards = [r["reward_mean"] for r in metrics(tmp_path / "o")]
+               "--lr", 5e-4, "--kl-coef", 0, "--eval-data", held_out, "--eval-every", 40)
+    rows = metrics(tmp_path / "o")
+    rewards = [r["reward_mean"] for r in rows]
     assert rewards[0] < 0.3  # before any update: about chance
     assert sum(rewards[-5:]) / 5 > 0.8
+    assert any(r["clip_high_frac"] > 0 or r["clip_low_frac"] > 0 for r in rows)
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [40] and rows[-1]["eval_n"] == 12
+    # evaluate.py's protocol at the same output cap: 24 tokens, a quarter of them left to answer after a forced exit.
+    # The policy closes its thinking as "</", "think", ">\n": a close, though not the ids encode("</think>") gives
+    (summary,) = evaluate.main(["--model", str(tmp_path / "o" / "model"), "--benchmarks", f"records={held_out}",
+                                "--output-dir", str(tmp_path / "eval"), "--max-tokens", "24", "--answer-tokens", "6",
+                                "--max-model-len", "512"])
+    assert rows[-1]["eval_accuracy"] == summary["accuracy"] > 0.5
+    assert rows[-1]["eval_response_length"] == pytest.approx(summary["mean_output_tokens"])
 
 
 def test_grpo_refuses_image_prompts_for_a_text_model_naming_the_row(qwen2_single, tmp_path):
@@ -180,11 +180,11 @@ def test_grpo_on_image_and_text_prompts_keeps_vllm_in_sync_on_two_ranks(qwen2_5_
     result = run_script("grpo.py", "--model", qwen2_5_vl, "--data", data, "--output-dir", tmp_path / "o",
                         "--global-batch-size", 4, "--group-size", 4, "--mini-batches", 2, "--max-tokens-per-micro-batch",
                         128, "--max-response-length", 12, "--max-steps", 3, "--lr", 1e-3, "--sync-check",
-                        "--save-every", 0, nproc=2)
+                        "--save-every", 0, "--activation-checkpointing", nproc=2)
     assert "16 prompts (10 with images, 0 over --max-prompt-length dropped)" in result.stdout
     rows = metrics(tmp_path / "o")
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["sync_greedy_match"] == 1.0 for r in rows)
+    assert all(r["sync_greedy_match"] == 1.0 and r["sync_logprob_gap"] < 1e-4 for r in rows)
     assert all(r["vllm_logprob_gap"] < 1e-3 for r in rows)
     assert rows[-1]["kl"] > 0
     frozen = load_file(os.path.join(qwen2_5_vl, "model.safetensors"))
@@ -209,15 +209,6 @@ def test_grpo_on_image_prompts_learns_what_only_the_image_tells(digit_vlm, tmp_p
     assert sum(rewards[-10:]) / 10 > 0.7
 
 
-def _sum_records(tmp_path):
-    from data import load_records, write_records
-    from data.synthetic import sum_records
-    records = sum_records(2, 0, "image", str(tmp_path), "i") + sum_records(2, 0, "text", str(tmp_path), "t") + \
-        sum_records(2, 0, "reading", str(tmp_path), "r")
-    write_records(str(tmp_path / "d.jsonl"), records)
-    return load_records(str(tmp_path / "d.jsonl"))
-
-
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_sft_lays_out_image_examples_with_their_mrope_positions_as_the_models_own_forward(qwen2_5_vl, tmp_path,
                                                                                          layout):
@@ -228,7 +219,7 @@ def test_sft_lays_out_image_examples_with_their_mrope_positions_as_the_models_ow
     from training import load_model
     tokenizer, processor = AutoTokenizer.from_pretrained(qwen2_5_vl), AutoImageProcessor.from_pretrained(qwen2_5_vl)
     args = sft.parse_args(["--model", qwen2_5_vl, "--data", "d", "--output-dir", "o", "--no-cot"])
-    examples, _ = sft.tokenize(_sum_records(tmp_path), tokenizer, args, processor)
+    examples, _ = sft.tokenize(sum_records_file(tmp_path), tokenizer, args, processor)
     model = load_model(qwen2_5_vl, activation_checkpointing=False).eval()
     with torch.no_grad():
         for param in model.parameters():  # larger weights, so that wrong positions would show
@@ -261,7 +252,7 @@ def test_sft_aligns_the_projector_alone_on_two_ranks_and_resumes_to_the_same_wei
     """LLaVA-style alignment (--train projector): the merger trains, frozen blocks of the vision tower share
     its FSDP unit, the language model is frozen; text-only micro-batches on one rank still join the tower's
     collectives; a resumed run ends where an uninterrupted one does."""
-    _sum_records(tmp_path)
+    sum_records_file(tmp_path)
     common = ["--data", tmp_path / "d.jsonl", "--model", qwen2_5_vl, "--no-cot", "--train", "projector",
               "--global-batch-size", 2, "--max-tokens-per-micro-batch", 1, "--epochs", 2, "--lr", 1e-2,
               "--save-every", 1, "--no-activation-checkpointing"]
@@ -293,7 +284,7 @@ def test_train_names_the_parts_and_refuses_what_a_model_lacks(qwen2_single, tmp_
 
 def test_sft_trains_the_vision_tower_when_ranks_micro_batches_differ_in_images(qwen2_5_vl, tmp_path):
     from training import step_indices
-    _sum_records(tmp_path)  # writes d.jsonl: 2 image, 2 text, 2 reading examples
+    sum_records_file(tmp_path)  # writes d.jsonl: 2 image, 2 text, 2 reading examples
     per_step = [step_indices(6, 2, step, 3, 0) for step in range(3)]
     # one example per micro-batch and rank: in some step one rank reads an image and the other does not
     assert any((i < 2 or i >= 4) != (j < 2 or j >= 4) for i, j in per_step)
