@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from data.prompts import image_refs
+from data.prompts import image_refs, open_image
 
 _open_engines: list = []
 
@@ -312,11 +312,6 @@ def load_image_processor(model: str, where: str, trust_remote_code: bool = False
     if not hasattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), "vision_config"):
         raise DataError(f"{where}: the prompt holds images, and {model} is a text model (no vision tower)")
     return AutoImageProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-
-
-def open_image(ref):
-    from PIL import Image
-    return Image.open(ref).convert("RGB") if isinstance(ref, str) else ref
 
 
 def images_of(conversation) -> list:

@@ -141,7 +141,7 @@ def collate_sequences(sequences: list[list[int]], targets: list[list[tuple[int, 
     tower reads, in row order. Shared by sft.py's and grpo.py's micro-batches."""
     if not images or not any(images):
         return pack(sequences, targets, layout=layout)
-    from engine import open_image
+    from data.prompts import open_image
     batch = pack(sequences, targets, [rope_positions(model, ids, grid) if refs else None
                                       for ids, refs, grid in zip(sequences, images, grids)], layout)
     batch.update(image_processor(images=[open_image(ref) for refs in images for ref in refs], return_tensors="pt"))
@@ -299,8 +299,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                      packed_max_length=None, **_):
     """transformers' attention signature (query, key, value [1, heads, tokens, dim]) for a packed row: attention
     within each sequence, as pack() bounded them. Returns ([1, tokens, heads, dim], no weights)."""
-    if packed_cu_seq_lens is None or query.shape[0] != 1 or not module.is_causal:
+    if packed_cu_seq_lens is None or query.shape[0] != 1 or not module.is_causal or dropout:
         raise ValueError("attention 'varlen' takes one packed row with its sequence boundaries (packing.pack, layout "
-                         "packed), in a causal language model")
+                         "packed), in a causal language model without attention dropout")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     return varlen_kernel(q, k, v, packed_cu_seq_lens, packed_max_length, scaling).unsqueeze(0), None

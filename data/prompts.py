@@ -89,6 +89,12 @@ def image_refs(messages: list[dict]) -> list:
             for part in message["content"] if part.get("type") == "image"]
 
 
+def open_image(ref):
+    """An image as a PIL image: records keep image files as paths until a stage reads them."""
+    from PIL import Image
+    return Image.open(ref).convert("RGB") if isinstance(ref, str) else ref
+
+
 def assistant_target(think: str | None, answer: str) -> str:
     """The SFT target in the format the prompts ask for; think=None gives the non-CoT target."""
     if think is None:
