@@ -238,6 +238,10 @@ def exit_token_ids(tokenizer, exit_text: str = DEFAULT_EXIT_TEXT) -> list[int]:
 
 
 def count_forced(output_ids, budget: int, exit_ids, close_ids=None, decode=None) -> list[int]:
-    """Positions in output_ids that the forced-exit rule forced (for masking them out of RL losses)."""
-    return [i for i in range(budget, min(len(output_ids), budget + len(exit_ids)))
-            if forced_token(output_ids[:i], budget, exit_ids, close_ids, decode) is not None]
+    """Positions in output_ids that the forced-exit rule forced (for masking them out of RL losses): the positions
+    where forced_token forces, with the tokens before the budget searched (and decoded) once for a close."""
+    before = list(output_ids[:budget])
+    if len(output_ids) <= budget or closed_thinking(before, close_ids or exit_ids, decode):
+        return []
+    end = budget + len(exit_ids) - _exit_prefix_len(before, exit_ids)
+    return list(range(budget, min(len(output_ids), end)))

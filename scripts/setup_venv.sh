@@ -74,7 +74,7 @@ else
     if [ "${plan[0]}" = build ]; then
       quiet "${pip[@]}" wheel packaging ninja psutil
       # its build imports torch (--no-build-isolation) and runs the venv's ninja (PATH)
-      if ! env PATH="$PWD/$venv/bin:$PATH" "${plan[@]:2}" \
+      if ! env PATH="$(cd "$venv/bin" && pwd):$PATH" "${plan[@]:2}" \
           "${pip[@]}" --no-build-isolation flash-attn==2.8.3.post2 > "$venv/flash-attn-build.log" 2>&1; then
         echo "flash-attn did not build ($venv/flash-attn-build.log); training attends through torch's varlen kernel" >&2
       fi

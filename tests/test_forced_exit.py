@@ -58,6 +58,15 @@ def test_count_forced_marks_only_forced_positions():
     assert count_forced([1, 7, 8, 9, 4], 5, E3) == []  # closed by the model before the budget
 
 
+def test_count_forced_matches_the_pure_rule_on_random_outputs():
+    rng = random.Random(1)
+    for _ in range(400):
+        exit_ids, budget = rng.choice([E1, E3, [7, 7, 8]]), rng.randint(0, 8)
+        output = [rng.choice([1, 7, 8, 9]) for _ in range(rng.randint(0, 14))]
+        assert count_forced(output, budget, exit_ids) == [
+            i for i in range(budget, len(output)) if forced_token(output[:i], budget, exit_ids) is not None]
+
+
 def _tokenizer(model):
     return AutoTokenizer.from_pretrained(model)
 
